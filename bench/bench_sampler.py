@@ -1,0 +1,144 @@
+"""Benchmark of common/sampler.py (not a test): tokens/s ratios measured side by side in one run.
+
+  (1) generate vs transformers' generate, GPT-2-124M-shaped random weights (GPT2Config() defaults), B=8
+  (2) the same on a ~1M-parameter GPT-2-shaped model, B=64
+  (3) generate (KV cache) vs a no-cache loop (full forward over the whole prefix for every token), ~1M model
+  (4) generate_mixture (one KV cache per model) vs a no-cache mixture loop (both models over the prefix)
+Both sides sample with temperature 1 and no top-k/top-p, with no EOS stop (every row generates the full
+budget), with torch's default thread count. After a short warm-up call of each variant, the timed runs of the
+variants are interleaved; tokens/s come from the median time, and two ratios are printed: of the median
+times and of the best times (on a shared machine, other processes only ever slow a run down).
+
+  PYTHONPATH=. python bench/bench_sampler.py [--device cpu] [--reps 5] [--reps-large 2] [--new 64] [--skip 1]
+"""
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common.model import from_pretrained
+from common.sampler import filter_logits, generate, generate_mixture, mixture_logits, sample
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_gpt2(tmp, device, seed, **kw):
+    """Random GPT-2 weights built and saved by transformers, loaded by both implementations."""
+    import transformers
+    torch.manual_seed(seed)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw)).eval()
+    hf.generation_config.eos_token_id = None   # never stop: both sides generate the full budget
+    hf.generation_config.pad_token_id = 0
+    hf.save_pretrained(tmp)
+    return hf.to(device), from_pretrained(tmp, device=device)
+
+
+@torch.no_grad()
+def nocache_generate(models, c, ids, max_new_tokens, generator):
+    """The naive reference: every token re-runs each model over the whole (uniform-length) prefix."""
+    for _ in range(max_new_tokens):
+        logits = [F.linear(m.hidden_states(ids)[:, -1], m.lm_head_weight) for m in models]  # (B, V) each
+        logits = logits[0] if len(models) == 1 else mixture_logits(logits[0], logits[1], c)
+        tok = sample(filter_logits(logits), generator)                                        # (B,)
+        ids = torch.cat([ids, tok[:, None]], dim=1)
+    return ids
+
+
+def measure(variants, n, reps, device, warmup_tokens=4):
+    """variants: {name: fn(new_tokens)}. A short warm-up call of each, then `reps` interleaved timed calls of
+    n tokens; returns {name: [seconds, ...]}."""
+    for fn in variants.values():
+        fn(warmup_tokens)
+    times = {k: [] for k in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn(n)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reps", type=int, default=5, help="timed runs per variant, ~1M model vs transformers")
+    ap.add_argument("--reps-large", type=int, default=2, help="timed runs per variant, 124M model")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt length (all rows)")
+    ap.add_argument("--new", type=int, default=64, help="new tokens per row")
+    ap.add_argument("--batch-large", type=int, default=8, help="batch size for the 124M model")
+    ap.add_argument("--batch-small", type=int, default=64, help="batch size for the ~1M model")
+    ap.add_argument("--nocache-reps", type=int, default=2, help="timed runs per variant in (3) and (4)")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for both sides (0: leave the "
+                    "default); a diagnostic for oversubscribed machines, not the reported setting")
+    ap.add_argument("--skip", default="", help="comma-separated benchmark numbers to skip, e.g. 1")
+    args = ap.parse_args()
+    device, skip = torch.device(args.device), set(args.skip.split(","))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    N, rows = args.new, []
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, "
+          f"prompt {args.prompt}, new tokens {N}, reps {args.reps_large}/{args.reps}/{args.nocache_reps}, "
+          f"load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
+
+    def record(label, baseline, B, t_base, t_ours):
+        """tokens/s from the median time; ratios of medians and of best times (contention only slows)."""
+        med, best = statistics.median, min
+        rows.append((label, baseline, B * N / med(t_base), B * N / med(t_ours), med(t_base) / med(t_ours),
+                     best(t_base) / best(t_ours)))
+
+    def ours_vs_hf(hf, ours, B, label, reps):
+        g = torch.Generator(device).manual_seed(0)
+        ids = torch.randint(0, ours.config.vocab_size, (B, args.prompt), generator=g, device=device)
+        prompts = ids.tolist()
+        hf_kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                     pad_token_id=0)
+        t = measure({"ours": lambda n: generate(ours, prompts, n, generator=g),
+                     "hf": lambda n: hf.generate(ids, max_new_tokens=n, **hf_kw)}, N, reps, device)
+        record(label, "transformers generate", B, t["hf"], t["ours"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if "1" not in skip:
+            hf, ours = random_gpt2(tmp + "/big", device, 0, bos_token_id=0, eos_token_id=0)
+            print(f"(1) GPT-2 124M shape: {ours.num_params() / 1e6:.1f}M parameters")
+            ours_vs_hf(hf, ours, args.batch_large, f"(1) 124M, B={args.batch_large}", args.reps_large)
+            del hf, ours
+        small = dict(vocab_size=2048, n_embd=128, n_layer=4, n_head=4, n_positions=256, bos_token_id=0,
+                     eos_token_id=0)
+        hf, ours = random_gpt2(tmp + "/a", device, 1, **small)
+        _, ours_b = random_gpt2(tmp + "/b", device, 2, **small)
+        B = args.batch_small
+        print(f"(2-4) small model: {ours.num_params() / 1e6:.2f}M parameters, B={B}")
+        if "2" not in skip:
+            ours_vs_hf(hf, ours, B, f"(2) 1M, B={B}", args.reps)
+        g = torch.Generator(device).manual_seed(0)
+        ids = torch.randint(0, ours.config.vocab_size, (B, args.prompt), generator=g, device=device)
+        prompts = ids.tolist()
+        if "3" not in skip:
+            t = measure({"ours": lambda n: generate(ours, prompts, n, generator=g),
+                         "nocache": lambda n: nocache_generate([ours], 0.0, ids, n, g)},
+                        N, args.nocache_reps, device)
+            record(f"(3) 1M, B={B}", "no-cache loop", B, t["nocache"], t["ours"])
+        if "4" not in skip:
+            t = measure({"ours": lambda n: generate_mixture(ours, ours_b, 0.25, prompts, n, generator=g),
+                         "nocache": lambda n: nocache_generate([ours, ours_b], 0.25, ids, n, g)},
+                        N, args.nocache_reps, device)
+            record(f"(4) mixture 1M x2, B={B}", "no-cache mixture", B, t["nocache"], t["ours"])
+
+    print(f"\n| {'benchmark':<24} | {'baseline':<21} | {'baseline tok/s':>14} | {'ours tok/s':>10} "
+          f"| {'ratio (median)':>14} | {'ratio (best)':>12} |")
+    print(f"|{'-' * 26}|{'-' * 23}|{'-' * 16}|{'-' * 12}|{'-' * 16}|{'-' * 14}|")
+    for label, base, tb, to, r, rb in rows:
+        print(f"| {label:<24} | {base:<21} | {tb:>14.1f} | {to:>10.1f} | {r:>13.2f}x | {rb:>11.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

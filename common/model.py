@@ -1,0 +1,619 @@
+"""One decoder-only transformer for GPT-2 and the Llama family, loading and saving Hugging Face layout.
+
+Covers (config.json `model_type`):
+  gpt2                         learned positions, LayerNorm, GELU(tanh) MLP, fused c_attn (Conv1D layout)
+  llama / mistral              RoPE (rope_theta, optional "linear" / "llama3" scaling), RMSNorm, SwiGLU, GQA
+  qwen2                        as llama, with q/k/v biases
+  qwen3                        as llama, with RMSNorm on each head of q and k (before RoPE)
+A `*ForSequenceClassification` checkpoint loads as a reward model: `forward` then returns the score
+head's output at the last non-pad token, (B,) when num_labels == 1.
+
+Contract 1 of DESIGN.md:
+  model = from_pretrained(path, device="cpu", dtype=torch.float32)
+  logits = model(input_ids, attention_mask=None)        # (B, T, V)   or scores (B,) for a reward model
+  model.save_pretrained(path)                           # config.json + model.safetensors, loadable by transformers
+Extra members used by the sampler and the loss module:
+  model.hidden_states(input_ids, attention_mask=None, position_ids=None, cache=None)  # (B, T, d), final norm applied
+  model.lm_head_weight                                  # (V, d); the embedding matrix when tied
+  model.new_cache(batch_size, max_len)                  # preallocated KV cache (KVCache), gpt-fast style
+
+Padding: position ids are derived from attention_mask (cumsum − 1) unless given, so a left-padded row gets
+the same positions as the row run alone (the left-padding position bug of TRL #6800 cannot occur).
+Attention: a padded key is never attended to; a padded query attends to itself only (its output is
+garbage but finite and never used), so fully masked softmax rows — NaNs — cannot appear.
+Not implemented (a config asking for it raises, see _check_supported): sliding-window attention beyond the
+window, rope scaling types other than linear / llama3, Qwen3-MoE / Mixtral experts.
+"""
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = LLAMA_FAMILY + ("gpt2",)
+CAUSAL_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+REWARD_ARCH = {"llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification",
+               "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
+               "gpt2": "GPT2ForSequenceClassification"}
+
+
+@dataclass
+class ModelConfig:
+    """Normalized config. Field names are the Llama-style config.json keys (GPT-2's n_embd etc. are mapped)."""
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None     # None -> = num_attention_heads (no GQA)
+    head_dim: int | None = None                # None -> hidden_size // num_attention_heads
+    intermediate_size: int | None = None       # None -> 4 * hidden_size (gpt2 n_inner)
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6                 # gpt2: layer_norm_epsilon
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None           # {"rope_type": "linear"|"llama3", ...}
+    attention_bias: bool = False               # q/k/v (and o for llama) biases; qwen2: q/k/v only
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None          # only enforced as a limit (see _check_supported)
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    is_reward_model: bool = False              # a *ForSequenceClassification checkpoint
+    num_labels: int = 1
+    extra: dict = field(default_factory=dict)  # the rest of the original config.json, written back on save
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+
+    # ---- config.json <-> ModelConfig ------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        d = dict(d)
+        mt = d.get("model_type")
+        if mt not in SUPPORTED:
+            raise ValueError(f"{source}: unknown model_type {mt!r} (supported: {', '.join(SUPPORTED)})")
+        archs = d.get("architectures") or []
+        kw = dict(model_type=mt, is_reward_model=any(a.endswith("ForSequenceClassification") for a in archs))
+        if "id2label" in d:
+            kw["num_labels"] = len(d["id2label"])
+        if "num_labels" in d:
+            kw["num_labels"] = int(d["num_labels"])
+        if mt == "gpt2":
+            rename = dict(n_embd="hidden_size", n_layer="num_hidden_layers", n_head="num_attention_heads",
+                          n_inner="intermediate_size", n_positions="max_position_embeddings",
+                          layer_norm_epsilon="rms_norm_eps")
+            for k, v in rename.items():
+                if k in d:
+                    kw[v] = d[k]
+            kw["vocab_size"] = d.get("vocab_size", 50257)
+            kw["attention_bias"] = kw["mlp_bias"] = True
+            kw["tie_word_embeddings"] = d.get("tie_word_embeddings", True)
+            if d.get("scale_attn_by_inverse_layer_idx") or d.get("reorder_and_upcast_attn") \
+                    or d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise ValueError(f"{source}: gpt2 variant not supported (scale_attn_by_inverse_layer_idx, "
+                                 f"reorder_and_upcast_attn, activation {d.get('activation_function')!r})")
+        else:
+            names = {f.name for f in fields(cls)} - {"extra", "model_type", "is_reward_model", "num_labels"}
+            kw.update({k: d[k] for k in names if k in d and d[k] is not None})
+            rp = d.get("rope_parameters") or {}
+            if "rope_theta" in rp:
+                kw["rope_theta"] = rp["rope_theta"]
+            scaling = d.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+            kw["rope_scaling"] = scaling
+            if mt == "qwen2":
+                kw["attention_bias"] = True
+            if mt in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+                kw["sliding_window"] = None
+            hidden_act = d.get("hidden_act", "silu")
+            if hidden_act != "silu":
+                raise ValueError(f"{source}: hidden_act {hidden_act!r} not supported (silu only)")
+            kw.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", mt != "llama" and mt != "mistral"))
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            kw[k] = d.get(k)
+        kw["extra"] = d
+        return cls(**kw)
+
+    def to_hf(self) -> dict:
+        d = dict(self.extra)
+        common = dict(model_type=self.model_type, vocab_size=self.vocab_size, bos_token_id=self.bos_token_id,
+                      eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                      tie_word_embeddings=self.tie_word_embeddings)
+        arch = (REWARD_ARCH if self.is_reward_model else CAUSAL_ARCH)[self.model_type]
+        d.update(common, architectures=[arch])
+        if self.is_reward_model:
+            d["num_labels"] = self.num_labels
+            d.setdefault("id2label", {str(i): f"LABEL_{i}" for i in range(self.num_labels)})
+            d.setdefault("label2id", {f"LABEL_{i}": i for i in range(self.num_labels)})
+        if self.model_type == "gpt2":
+            d.update(n_embd=self.hidden_size, n_layer=self.num_hidden_layers, n_head=self.num_attention_heads,
+                     n_inner=self.intermediate_size, n_positions=self.max_position_embeddings,
+                     layer_norm_epsilon=self.rms_norm_eps, activation_function="gelu_new")
+        else:
+            d.update(hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+                     num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+                     head_dim=self.head_dim, intermediate_size=self.intermediate_size,
+                     max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps,
+                     rope_theta=self.rope_theta, hidden_act="silu")
+            d.pop("rope_parameters", None)  # written as rope_theta / rope_scaling, which every version reads
+            if self.rope_scaling:
+                d["rope_scaling"] = self.rope_scaling
+            if self.model_type not in ("qwen2",):
+                d.update(attention_bias=self.attention_bias)
+            if self.model_type == "llama":
+                d.update(mlp_bias=self.mlp_bias)
+        return d
+
+
+# ---- building blocks ----------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, the statistic in float32 (as in the reference implementations)."""
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) of RoPE, with the config's scaling (RoFormer; Llama 3.1 report)."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = cfg.rope_scaling or {}
+    kind = s.get("rope_type", s.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind != "default":
+        raise ValueError(f"config.json: rope scaling type {kind!r} not supported (linear, llama3)")
+    return inv_freq
+
+
+def apply_rope(x, cos, sin):
+    """x (B, nh, T, hs); cos/sin (B, 1, T, hs). Rotate-half convention of the HF Llama port."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values per layer, (B, n_kv, max_len, hs), filled left to right; `pos` = filled length.
+    All rows share one position counter: ragged prompts are left-padded (see sampler.py)."""
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        """Write k, v (B, n_kv, T, hs) at [pos, pos+T) and return the filled views [0, pos+T)."""
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, index):
+        """Keep rows `index` (e.g. to drop finished rows); index a LongTensor on the cache's device."""
+        self.k = [t.index_select(0, index) for t in self.k]
+        self.v = [t.index_select(0, index) for t in self.v]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, nh, nkv, hs = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.nh, self.nkv, self.hs = nh, nkv, hs
+        qkv_bias = cfg.attention_bias
+        o_bias = cfg.attention_bias and cfg.model_type in ("llama", "mistral", "gpt2")
+        self.q_proj = nn.Linear(d, nh * hs, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, nkv * hs, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, nkv * hs, bias=qkv_bias)
+        self.o_proj = nn.Linear(nh * hs, d, bias=o_bias)
+        self.qk_norm = cfg.model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(hs, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hs, cfg.rms_norm_eps)
+
+    def forward(self, x, rope, mask, cache, layer):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hs)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hs)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                        # (B, nh|nkv, T, hs)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                               # (B, nkv, S, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.nkv != self.nh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Llama family): down(silu(gate(x)) * up(x)); GPT-2: proj(gelu_tanh(fc(x)))."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gated = cfg.model_type != "gpt2"
+        if self.gated:
+            self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        norm = (lambda: nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)) if cfg.model_type == "gpt2" \
+            else (lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+        self.input_layernorm, self.post_attention_layernorm = norm(), norm()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        _check_supported(cfg)
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.learned_pos = cfg.model_type == "gpt2"
+        if self.learned_pos:
+            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        else:
+            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps) if self.learned_pos \
+            else RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_reward_model:
+            self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False)
+        elif not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {max_len} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        p = self.embed_tokens.weight
+        dtype = torch.get_autocast_dtype("cuda") if p.is_cuda and torch.is_autocast_enabled("cuda") else p.dtype
+        return KVCache(self.config, batch_size, max_len, p.device, dtype)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """Final-norm hidden states (B, T, d). With `cache`, input_ids are the next T tokens and attention_mask
+        (B, cache.pos + T) covers the cached tokens too."""
+        B, T = input_ids.shape
+        past = cache.pos if cache is not None else 0
+        S = past + T
+        if S > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {S} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        if self.config.sliding_window is not None and S > self.config.sliding_window:
+            raise ValueError(f"sequence length {S} exceeds sliding_window {self.config.sliding_window} "
+                             f"(sliding-window attention is not implemented)")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
+        mask = None
+        if attention_mask is not None or cache is not None:
+            # (B, 1, T, S) bool: key s visible to query t iff s <= past + t and key s is not padding;
+            # the diagonal is always visible, so a padded query row is never fully masked.
+            q_idx = torch.arange(past, S, device=input_ids.device)[:, None]
+            k_idx = torch.arange(S, device=input_ids.device)[None, :]
+            causal = k_idx <= q_idx
+            keep = causal if attention_mask is None else causal & attention_mask.bool()[:, None, :]
+            mask = (keep | (k_idx == q_idx))[:, None] if attention_mask is not None else keep[None, None]
+            if cache is None and attention_mask is not None and bool(attention_mask.all()):
+                mask = None  # dense batch: let SDPA use its causal kernel
+        x = self.embed_tokens(input_ids)
+        rope = None
+        if self.learned_pos:
+            x = x + self.embed_positions(position_ids)
+        else:
+            freqs = position_ids[..., None].float() * self.inv_freq.float()      # (B, T, hs/2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]                     # (B, 1, T, hs)
+            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache, i)
+        if cache is not None:
+            cache.pos = S
+        return self.norm(x)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        if self.config.is_reward_model:
+            return self._pool_scores(self.score(h), input_ids, attention_mask)
+        return F.linear(h, self.lm_head_weight)
+
+    def _pool_scores(self, scores, input_ids, attention_mask):
+        """Score at the last non-pad token: the rightmost position with attention_mask 1 (or, without a mask,
+        the rightmost token != pad_token_id, as transformers does)."""
+        B, T = input_ids.shape
+        if attention_mask is not None:
+            valid = attention_mask.bool()
+        elif self.config.pad_token_id is not None:
+            valid = input_ids != self.config.pad_token_id
+        else:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        last = (torch.arange(T, device=input_ids.device) * valid).argmax(-1)
+        out = scores[torch.arange(B, device=input_ids.device), last]
+        return out.squeeze(-1) if self.config.num_labels == 1 else out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path):
+        """Write config.json + model.safetensors (HF names) into `path`, via a temporary folder and rename."""
+        save_pretrained(self, path)
+
+
+def _check_supported(cfg: ModelConfig):
+    if cfg.model_type not in SUPPORTED:
+        raise ValueError(f"unknown model_type {cfg.model_type!r} (supported: {', '.join(SUPPORTED)})")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ValueError(f"num_attention_heads {cfg.num_attention_heads} is not a multiple of "
+                         f"num_key_value_heads {cfg.num_key_value_heads}")
+    if cfg.model_type != "gpt2":
+        rope_inv_freq(cfg)  # raises on unsupported scaling
+
+
+# ---- HF names <-> our names -------------------------------------------------------------------------
+
+def to_hf_state_dict(model: Transformer) -> dict:
+    """Our parameters under transformers' names (GPT-2: Conv1D layout, fused c_attn)."""
+    cfg, sd = model.config, model.state_dict()
+    out = {}
+    if cfg.model_type == "gpt2":
+        p = "transformer."
+        out[p + "wte.weight"] = sd["embed_tokens.weight"]
+        out[p + "wpe.weight"] = sd["embed_positions.weight"]
+        for i in range(cfg.num_hidden_layers):
+            s, h = f"layers.{i}.", f"{p}h.{i}."
+            for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
+                out[h + theirs + ".weight"] = sd[s + ours + ".weight"]
+                out[h + theirs + ".bias"] = sd[s + ours + ".bias"]
+            a = s + "self_attn."
+            out[h + "attn.c_attn.weight"] = torch.cat([sd[a + n + ".weight"] for n in ("q_proj", "k_proj", "v_proj")]).t()
+            out[h + "attn.c_attn.bias"] = torch.cat([sd[a + n + ".bias"] for n in ("q_proj", "k_proj", "v_proj")])
+            out[h + "attn.c_proj.weight"] = sd[a + "o_proj.weight"].t()
+            out[h + "attn.c_proj.bias"] = sd[a + "o_proj.bias"]
+            out[h + "mlp.c_fc.weight"] = sd[s + "mlp.up_proj.weight"].t()
+            out[h + "mlp.c_fc.bias"] = sd[s + "mlp.up_proj.bias"]
+            out[h + "mlp.c_proj.weight"] = sd[s + "mlp.down_proj.weight"].t()
+            out[h + "mlp.c_proj.bias"] = sd[s + "mlp.down_proj.bias"]
+        out[p + "ln_f.weight"], out[p + "ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
+    else:
+        for k, v in sd.items():
+            if k in ("lm_head.weight", "score.weight"):
+                out[k] = v
+            else:
+                out["model." + k] = v
+    if cfg.is_reward_model:
+        out["score.weight"] = sd["score.weight"]
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def from_hf_state_dict(cfg: ModelConfig, get, keys: set, source: str) -> dict:
+    """Our state dict from a checkpoint: `get(name)` returns the tensor, `keys` the names present.
+    Extra tensors (GPT-2's attn.bias buffers, a tied lm_head.weight) are ignored; a missing one raises."""
+    def need(name):
+        if name not in keys:
+            raise KeyError(f"{source}: missing tensor {name!r}")
+        return get(name)
+
+    sd = {}
+    if cfg.model_type == "gpt2":
+        p = "transformer." if any(k.startswith("transformer.") for k in keys) else ""
+        d = cfg.hidden_size
+        sd["embed_tokens.weight"] = need(p + "wte.weight")
+        sd["embed_positions.weight"] = need(p + "wpe.weight")
+        for i in range(cfg.num_hidden_layers):
+            s, h = f"layers.{i}.", f"{p}h.{i}."
+            for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
+                sd[s + ours + ".weight"] = need(h + theirs + ".weight")
+                sd[s + ours + ".bias"] = need(h + theirs + ".bias")
+            w, b = need(h + "attn.c_attn.weight"), need(h + "attn.c_attn.bias")
+            if w.shape != (d, 3 * d):
+                raise ValueError(f"{source}: tensor {h}attn.c_attn.weight has shape {tuple(w.shape)}, "
+                                 f"expected {(d, 3 * d)}")
+            for j, n in enumerate(("q_proj", "k_proj", "v_proj")):
+                sd[s + f"self_attn.{n}.weight"] = w[:, j * d:(j + 1) * d].t()
+                sd[s + f"self_attn.{n}.bias"] = b[j * d:(j + 1) * d]
+            sd[s + "self_attn.o_proj.weight"] = need(h + "attn.c_proj.weight").t()
+            sd[s + "self_attn.o_proj.bias"] = need(h + "attn.c_proj.bias")
+            sd[s + "mlp.up_proj.weight"] = need(h + "mlp.c_fc.weight").t()
+            sd[s + "mlp.up_proj.bias"] = need(h + "mlp.c_fc.bias")
+            sd[s + "mlp.down_proj.weight"] = need(h + "mlp.c_proj.weight").t()
+            sd[s + "mlp.down_proj.bias"] = need(h + "mlp.c_proj.bias")
+        sd["norm.weight"], sd["norm.bias"] = need(p + "ln_f.weight"), need(p + "ln_f.bias")
+    else:  # llama family: our names are transformers' minus the "model." prefix
+        p = "model." if any(k.startswith("model.") for k in keys) else ""
+        with torch.device("meta"):
+            names = Transformer(cfg).state_dict().keys()
+        for k in names:
+            if k not in ("lm_head.weight", "score.weight"):
+                sd[k] = need(p + k)
+        if not cfg.tie_word_embeddings and not cfg.is_reward_model:
+            sd["lm_head.weight"] = need("lm_head.weight")
+    if cfg.is_reward_model:
+        sd["score.weight"] = need("score.weight")
+    return sd
+
+
+# ---- loading / saving -------------------------------------------------------------------------------
+
+def read_config(path) -> ModelConfig:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: not found (expected a Hugging Face model folder)")
+    try:
+        with open(cfg_path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    return ModelConfig.from_hf(d, cfg_path)
+
+
+def _weight_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise FileNotFoundError(f"{index}: shard {missing[0]} not found")
+        return [os.path.join(path, s) for s in shards]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                            f"(only safetensors weights are read; .bin/.pt are never unpickled)")
+
+
+def from_pretrained(path, device="cpu", dtype=torch.float32) -> Transformer:
+    """Load a HF-layout folder (config.json + model.safetensors or a sharded index) into a Transformer."""
+    cfg = read_config(path)
+    files = _weight_files(path)
+    handles = [safe_open(f, framework="pt", device="cpu") for f in files]
+    where = {k: h for h in handles for k in h.keys()}
+    get = lambda k: where[k].get_tensor(k)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    sd = from_hf_state_dict(cfg, get, set(where), path)
+    for k, v in expected.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ValueError(f"{path}: tensor for {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+    model.load_state_dict({k: v.to(dtype).contiguous() for k, v in sd.items()}, assign=True)
+    if not model.learned_pos:
+        model.inv_freq = rope_inv_freq(cfg)  # non-persistent buffer: recompute off the meta device
+    return model.to(device=device)
+
+
+def save_pretrained(model: Transformer, path):
+    """config.json + model.safetensors in HF layout; written to a temporary folder and renamed into place."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp_save_", dir=parent)
+    try:
+        state = {k: v.to("cpu") for k, v in to_hf_state_dict(model).items()}
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        cfg = model.config.to_hf()
+        cfg["torch_dtype"] = str(model.embed_tokens.weight.dtype).replace("torch.", "")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+        if os.path.isdir(path):  # keep files we do not own (tokenizer.json, …): move ours over
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(path, name))
+            os.rmdir(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---- tokenizer and special ids ----------------------------------------------------------------------
+
+def load_tokenizer(path):
+    """tokenizers.Tokenizer from `path`/tokenizer.json (no transformers needed)."""
+    from tokenizers import Tokenizer
+    f = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{f}: not found")
+    return Tokenizer.from_file(f)
+
+
+def special_token_ids(path) -> dict:
+    """eos_id / pad_id / bos_id from config.json, then generation_config.json, then tokenizer_config.json
+    (token strings resolved through tokenizer.json). eos_id is the first when a list is given; all EOS ids
+    are in eos_ids. pad_id falls back to eos_id."""
+    def read(name):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            with open(f) as fh:
+                return json.load(fh)
+        return {}
+
+    ids = {"eos_id": None, "pad_id": None, "bos_id": None, "eos_ids": []}
+    tok_cfg = read("tokenizer_config.json")
+    tok = None
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        tok = load_tokenizer(path)
+
+    def token_id(t):
+        if isinstance(t, dict):
+            t = t.get("content")
+        return tok.token_to_id(t) if (tok is not None and isinstance(t, str)) else None
+
+    for src in (read("config.json"), read("generation_config.json")):
+        for key, name in (("eos_token_id", "eos_id"), ("pad_token_id", "pad_id"), ("bos_token_id", "bos_id")):
+            v = src.get(key)
+            if v is None or ids[name] is not None:
+                continue
+            if key == "eos_token_id":
+                ids["eos_ids"] = list(v) if isinstance(v, list) else [v]
+                v = ids["eos_ids"][0]
+            ids[name] = v
+    for key, name in (("eos_token", "eos_id"), ("pad_token", "pad_id"), ("bos_token", "bos_id")):
+        if ids[name] is None and key in tok_cfg:
+            ids[name] = token_id(tok_cfg[key])
+    if not ids["eos_ids"] and ids["eos_id"] is not None:
+        ids["eos_ids"] = [ids["eos_id"]]
+    if ids["pad_id"] is None:
+        ids["pad_id"] = ids["eos_id"]
+    return ids

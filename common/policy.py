@@ -1,0 +1,369 @@
+"""The one policy interface of the algorithm scripts: a tabular policy and a language-model policy.
+
+An algorithm's loop is the same for both (DESIGN.md "One policy interface, three worlds"):
+
+    ref = policy.frozen_copy()                                   # π_ref (no grad)
+    for t in range(T):
+        pi_t = policy.frozen_copy()                              # π_t
+        y = pi_t.sample(prompts, n=K, generator=gen)             # Samples, B = len(prompts) * K rows
+        a, b = y.select(idx_a), y.select(idx_b)                  # pairs, row-aligned
+        label = judge.label(a.prompts, a.texts, b.texts, gen)    # or judge.prob(...)
+        with torch.no_grad(): ref_logps, t_logps = ref.logprobs(a), pi_t.logprobs(a)
+        policy_logps = policy.logprobs(a)                        # (B,) differentiable sums ℓ_θ
+        ... loss, optimizer over policy.parameters() ...
+        metrics = arena.evaluate(policy, games, ref)             # exact, common/arena.py
+    policy.save(run_dir)
+
+Members (both classes):
+    sample(prompts, n, generator, temperature=1.0, ...) -> Samples   rows = prompt 0 n times, prompt 1 n times, …
+    encode(prompts, responses) -> Samples        the same for given texts (pairs from a file, candidates)
+    logprobs(samples) -> (B,) float32            ℓ(y|x) summed over response tokens, EOS included (LM) or
+                                                 log π(action) (tabular); differentiable w.r.t. parameters()
+    token_logprobs(samples) -> (B, T)            the per-token terms of that sum (T = 1 for tabular), 0 off
+                                                 samples.token_mask (per-token KL credit in nash_mp.py)
+    distribution(games) -> list of float64 arrays, exact: over each game's candidates (tabular), + the
+                                                 invalid mass as a last entry (LM)
+    frozen_copy(), parameters(), save(dir), load(...)
+Prompts are Game objects (common/arena.py) or strings: for the LM a string is the prompt text (real-checkpoint
+runs), for the tabular policy a game id.
+"""
+import copy
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from common.arena import Game, Games
+
+
+@dataclass
+class Samples:
+    """A batch of B responses (one row each) and what log-probs and judges need."""
+    prompts: list           # (B,) prompt texts (what a text judge reads)
+    texts: list             # (B,) response texts, EOS removed (what a text judge reads)
+    game_ids: list          # (B,) id of the row's game, None for a plain-text prompt
+    actions: torch.Tensor   # (B,) long: index of the response among its game's candidates, -1 = not a candidate
+    input_ids: torch.Tensor = None       # LM: (B, T) left-padded prompt + response (+ EOS) + right pad
+    attention_mask: torch.Tensor = None  # LM: (B, T) 1 on prompt and response tokens
+    response_mask: torch.Tensor = None   # LM: (B, T) 1 on response tokens, EOS included
+
+    def __len__(self):
+        return len(self.texts)
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """(B, T) 1 on the positions token_logprobs() scores: response tokens (LM), the one action (tabular)."""
+        if self.response_mask is not None:
+            return self.response_mask
+        return torch.ones(len(self), 1, dtype=torch.long)
+
+    def select(self, index) -> "Samples":
+        """Rows `index` (a LongTensor or list of ints), in that order."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        rows = index.tolist()
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                out[f.name] = None
+            elif isinstance(v, torch.Tensor):
+                out[f.name] = v[index.to(v.device)]
+            else:
+                out[f.name] = [v[i] for i in rows]
+        return Samples(**out)
+
+
+def _atomic_dir(path, write):
+    """Call write(tmp_dir), then move its files into `path`: the folder is renamed into place when `path`
+    does not exist, else each file is renamed over (other files, e.g. a run's metrics.jsonl, are kept).
+    Nothing is ever half-written."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp_policy_", dir=os.path.dirname(path))
+    try:
+        write(tmp)
+        if os.path.isdir(path):
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(path, name))
+            os.rmdir(tmp)
+        else:
+            os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---- tabular -----------------------------------------------------------------------------------------
+
+class TabularPolicy(nn.Module):
+    """π_θ(y_i | game g) = softmax(theta[g])[i]: one logit row per game over its candidates.
+
+    theta (G, n_max) is one Parameter; entries past a game's n candidates are masked to −inf.
+    Initialized at log `probs` (default each game's ref, i.e. π_ref of the games file)."""
+
+    def __init__(self, games: Games, probs=None):
+        super().__init__()
+        self.games = games
+        self.index = {g.id: k for k, g in enumerate(games)}
+        n_max = max(g.n for g in games)
+        theta = torch.zeros(len(games), n_max, dtype=torch.float64)
+        mask = torch.zeros(len(games), n_max, dtype=torch.bool)
+        for k, g in enumerate(games):
+            p = g.ref if probs is None else np.asarray(probs[k], dtype=np.float64)
+            if p.shape != (g.n,) or not np.all(p > 0):
+                raise ValueError(f"game {g.id!r}: initial probabilities must be {g.n} positive numbers")
+            theta[k, :g.n] = torch.from_numpy(np.log(p / p.sum()))
+            mask[k, :g.n] = True
+        self.theta = nn.Parameter(theta)   # float64: exact closed-form checks in the algorithm tests
+        self.register_buffer("valid", mask)
+
+    def log_probs(self) -> torch.Tensor:
+        """(G, n_max) log π_θ, −inf on padding."""
+        return torch.log_softmax(self.theta.masked_fill(~self.valid, float("-inf")), dim=-1)
+
+    def _rows(self, prompts):
+        ids = [p.id if isinstance(p, Game) else p for p in prompts]
+        missing = [i for i in ids if i not in self.index]
+        if missing:
+            raise KeyError(f"TabularPolicy: unknown game id {missing[0]!r} (prompts are Games or game ids)")
+        return [self.index[i] for i in ids]
+
+    @torch.no_grad()
+    def sample(self, prompts, n, generator=None, temperature=1.0) -> Samples:
+        """n draws per prompt from π_θ^{1/temperature} (renormalized)."""
+        rows = torch.tensor(self._rows(prompts), dtype=torch.long).repeat_interleave(n)   # (B,)
+        logp = self.log_probs()[rows.to(self.theta.device)] / temperature                 # (B, n_max)
+        u = torch.rand(logp.shape, generator=generator, dtype=torch.float64, device=self.theta.device)
+        actions = (logp - (-u.clamp_min(1e-300).log()).log()).argmax(-1)                 # Gumbel-max
+        return self._samples(rows.tolist(), actions.cpu())
+
+    def _samples(self, rows, actions):
+        gs = [self.games[r] for r in rows]
+        return Samples(prompts=[g.prompt for g in gs], texts=[g.candidates[a] for g, a in zip(gs, actions.tolist())],
+                       game_ids=[g.id for g in gs], actions=actions)
+
+    def encode(self, prompts, responses) -> Samples:
+        """Samples for given (prompt, candidate text) pairs; a text that is not a candidate raises."""
+        rows = self._rows(prompts)
+        acts = []
+        for r, text in zip(rows, responses):
+            g = self.games[r]
+            stripped = [c.strip() for c in g.candidates]
+            if text.strip() not in stripped:
+                raise ValueError(f"game {g.id!r}: {text!r} is not a candidate (a tabular policy has no invalid text)")
+            acts.append(stripped.index(text.strip()))
+        return self._samples(rows, torch.tensor(acts, dtype=torch.long))
+
+    def logprobs(self, samples: Samples) -> torch.Tensor:
+        """(B,) log π_θ(action | game), differentiable w.r.t. theta (float64)."""
+        rows = torch.tensor(self._rows(samples.game_ids), device=self.theta.device)
+        return self.log_probs()[rows, samples.actions.to(self.theta.device)]
+
+    def token_logprobs(self, samples: Samples) -> torch.Tensor:
+        """(B, 1): a tabular response is a single "token", its action (see Samples.token_mask)."""
+        return self.logprobs(samples)[:, None]
+
+    @torch.no_grad()
+    def distribution(self, games: Games) -> list:
+        """Exact π_θ over each game's candidates (float64 numpy), for the games given (ids looked up)."""
+        lp = self.log_probs().cpu()
+        return [lp[self.index[g.id], :g.n].exp().numpy().astype(np.float64) for g in games]
+
+    def frozen_copy(self) -> "TabularPolicy":
+        return copy.deepcopy(self).requires_grad_(False)
+
+    def save(self, path):
+        """`path`/policy.json: {"<game id>": [probabilities over candidates]} (contract 3)."""
+        dist = self.distribution(self.games)
+        obj = {g.id: p.tolist() for g, p in zip(self.games, dist)}
+
+        def write(tmp):
+            with open(os.path.join(tmp, "policy.json"), "w") as f:
+                json.dump(obj, f)
+        _atomic_dir(path, write)
+
+    @classmethod
+    def load(cls, path, games: Games) -> "TabularPolicy":
+        """From a policy.json (or a folder holding one); every game of `games` must be present."""
+        f = os.path.join(path, "policy.json") if os.path.isdir(path) else path
+        try:
+            with open(f) as fh:
+                obj = json.load(fh)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{f}: not found") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: not valid JSON ({e})") from None
+        probs = []
+        for g in games:
+            p = obj.get(g.id) if isinstance(obj, dict) else None
+            if not isinstance(p, list) or len(p) != g.n or not all(isinstance(x, (int, float)) and x > 0 for x in p):
+                raise ValueError(f"{f}: game {g.id!r}: expected {g.n} positive probabilities")
+            probs.append(p)
+        return cls(games, probs)
+
+
+# ---- language model ----------------------------------------------------------------------------------
+
+def encode_prompt(tokenizer, prompt: str) -> list:
+    """Contract 2: the prompt with the tokenizer's own special tokens (e.g. a BOS from its post-processor)."""
+    return tokenizer.encode(prompt).ids
+
+
+def encode_response(tokenizer, response: str) -> list:
+    """Contract 2: the answer tokenized on its own, no special tokens (EOS is appended by the caller)."""
+    return tokenizer.encode(response, add_special_tokens=False).ids
+
+
+def pack(prompt_ids, response_ids, pad_id):
+    """Left-pad prompts, right-pad responses: input_ids, attention_mask, response_mask, all (B, T) long.
+    prompt_ids, response_ids: lists of B token-id lists (responses already end with EOS where they have one)."""
+    L = max(len(p) for p in prompt_ids)
+    N = max(len(r) for r in response_ids)
+    B = len(prompt_ids)
+    ids = torch.full((B, L + N), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, L + N, dtype=torch.long)
+    resp = torch.zeros(B, L + N, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids[i, L - len(p):L] = torch.tensor(p, dtype=torch.long)
+        ids[i, L:L + len(r)] = torch.tensor(r, dtype=torch.long)
+        attn[i, L - len(p):L + len(r)] = 1
+        resp[i, L:L + len(r)] = 1
+    return ids, attn, resp
+
+
+class LMPolicy(nn.Module):
+    """A causal LM (common/model.py Transformer) + its tokenizer. ℓ(y|x) = Σ log π(token) over the answer
+    tokens and EOS of encode(prompt) + encode(answer) + [EOS] (contract 2)."""
+
+    def __init__(self, model, tokenizer, eos_id, pad_id=None, max_new_tokens=32):
+        super().__init__()
+        if eos_id is None:
+            raise ValueError("LMPolicy needs an EOS id (config.json eos_token_id)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_id = eos_id
+        self.pad_id = eos_id if pad_id is None else pad_id
+        self.max_new_tokens = max_new_tokens
+        self._cand_cache = {}
+
+    @classmethod
+    def load(cls, path, device="cpu", dtype=torch.float32, max_new_tokens=None) -> "LMPolicy":
+        from common.model import from_pretrained, load_tokenizer, special_token_ids
+        model = from_pretrained(path, device=device, dtype=dtype)
+        ids = special_token_ids(path)
+        if max_new_tokens is None:
+            gc = os.path.join(path, "generation_config.json")
+            max_new_tokens = 32
+            if os.path.isfile(gc):
+                with open(gc) as f:
+                    max_new_tokens = json.load(f).get("max_new_tokens", 32)
+        return cls(model, load_tokenizer(path), ids["eos_id"], ids["pad_id"], max_new_tokens)
+
+    @property
+    def device(self):
+        return self.model.lm_head_weight.device
+
+    @staticmethod
+    def _texts(prompts):
+        return [p.prompt if isinstance(p, Game) else p for p in prompts]
+
+    def _encode_prompts(self, texts):
+        ids = [encode_prompt(self.tokenizer, t) for t in texts]
+        if any(len(p) == 0 for p in ids):
+            raise ValueError("LMPolicy: a prompt encodes to zero tokens (nothing to condition on)")
+        return ids
+
+    def _candidate_tokens(self, game) -> dict:
+        """{tuple(encode(c_i) + [EOS]): i} for a game, cached."""
+        key = (game.id, game.candidates)
+        if key not in self._cand_cache:
+            self._cand_cache[key] = {tuple(encode_response(self.tokenizer, c) + [self.eos_id]): i
+                                     for i, c in enumerate(game.candidates)}
+        return self._cand_cache[key]
+
+    def _samples(self, prompts, prompt_ids, response_ids, texts):
+        ids, attn, resp = pack(prompt_ids, response_ids, self.pad_id)
+        game_ids, actions = [], []
+        for p, r in zip(prompts, response_ids):  # a row is candidate i iff its tokens are encode(c_i) + [EOS]
+            game_ids.append(p.id if isinstance(p, Game) else None)
+            actions.append(self._candidate_tokens(p).get(tuple(r), -1) if isinstance(p, Game) else -1)
+        dev = self.device
+        return Samples(prompts=self._texts(prompts), texts=texts, game_ids=game_ids,
+                       actions=torch.tensor(actions, dtype=torch.long), input_ids=ids.to(dev),
+                       attention_mask=attn.to(dev), response_mask=resp.to(dev))
+
+    @torch.no_grad()
+    def sample(self, prompts, n, generator=None, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=None) -> Samples:
+        """n responses per prompt with common/sampler.py (rows: prompt 0 n times, then prompt 1, …)."""
+        from common.sampler import generate
+        prompts = [p for p in prompts for _ in range(n)]
+        prompt_ids = self._encode_prompts(self._texts(prompts))
+        out, mask, _ = generate(self.model, prompt_ids, max_new_tokens or self.max_new_tokens,
+                                temperature=temperature, top_p=top_p, top_k=top_k, eos_id=self.eos_id,
+                                generator=generator)
+        lengths = mask.sum(1).long().tolist()
+        response_ids = [row[:k] for row, k in zip(out.tolist(), lengths)]  # EOS kept where generated
+        texts = [self.tokenizer.decode([t for t in r if t != self.eos_id]) for r in response_ids]
+        return self._samples(prompts, prompt_ids, [r if r else [self.eos_id] for r in response_ids], texts)
+
+    def encode(self, prompts, responses) -> Samples:
+        """Samples for given texts: encode(prompt) + encode(response) + [EOS] (contract 2)."""
+        prompt_ids = self._encode_prompts(self._texts(prompts))
+        response_ids = [encode_response(self.tokenizer, r) + [self.eos_id] for r in responses]
+        return self._samples(list(prompts), prompt_ids, response_ids, list(responses))
+
+    def logprobs(self, samples: Samples) -> torch.Tensor:
+        """(B,) ℓ(y|x): summed log-probs of the response tokens (EOS included), common/losses.py."""
+        from common.losses import sequence_logprobs
+        dev = self.device
+        return sequence_logprobs(self.model, samples.input_ids.to(dev), samples.attention_mask.to(dev),
+                                 samples.response_mask.to(dev))[1]
+
+    def token_logprobs(self, samples: Samples) -> torch.Tensor:
+        """(B, T) per-token log-probs of the response tokens (EOS included), 0 elsewhere (Samples.token_mask)."""
+        from common.losses import sequence_logprobs
+        dev = self.device
+        return sequence_logprobs(self.model, samples.input_ids.to(dev), samples.attention_mask.to(dev),
+                                 samples.response_mask.to(dev))[0]
+
+    @torch.no_grad()
+    def distribution(self, games: Games, batch_size=256) -> list:
+        """Exact π over each game's candidates + the invalid mass 1 − Σ (last entry), float64.
+
+        π(y_i|x) = exp ℓ(encode(c_i) + [EOS] | x): every other token sequence — another tokenization of a
+        candidate's text included — counts as invalid. Log-probs are float32 sums (losses.sequence_logprobs),
+        so entries carry ~1e-7 relative error and the invalid mass ~1e-7 absolute; it is clipped at 0."""
+        pairs = [(k, g, c) for k, g in enumerate(games) for c in g.candidates]
+        logps = []
+        for s in range(0, len(pairs), batch_size):
+            chunk = pairs[s:s + batch_size]
+            logps.append(self.logprobs(self.encode([g for _, g, _ in chunk], [c for _, _, c in chunk])).double().cpu())
+        p = torch.cat(logps).exp().numpy()
+        out, i = [], 0
+        for g in games:
+            q = p[i:i + g.n]
+            i += g.n
+            out.append(np.append(q, max(0.0, 1.0 - q.sum())))
+        return out
+
+    def frozen_copy(self) -> "LMPolicy":
+        """A deep copy of the model (no grad, eval mode) sharing the tokenizer: π_t or π_ref."""
+        model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        return LMPolicy(model, self.tokenizer, self.eos_id, self.pad_id, self.max_new_tokens)
+
+    def save(self, path):
+        """HF-layout folder: config.json + model.safetensors (common/model.py), tokenizer.json, written to a
+        temporary folder and renamed into place."""
+        def write(tmp):
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump({"eos_token_id": self.eos_id, "pad_token_id": self.pad_id,
+                           "max_new_tokens": self.max_new_tokens}, f, indent=2)
+        _atomic_dir(path, write)

@@ -1,0 +1,184 @@
+"""Batched autoregressive sampling with a preallocated KV cache (gpt-fast style), and the geometric-mixture
+sampler of Nash-MD.
+
+Contract 6 of DESIGN.md:
+  ids, mask, logps = generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                              eos_id=None, generator=None, pad_id=None)
+  ids, mask, logps = generate_mixture(model_a, model_b, c, prompts, max_new_tokens, ...same keywords)
+prompts: list of B non-empty token-id lists (ragged). Returns, on the model's device:
+  ids   (B, N) long     response tokens; pad_id after a row's EOS
+  mask  (B, N) float32  1 for every generated token up to and including the row's first EOS, 0 after
+  logps (B, N) float32  log-prob of each token under the distribution it was actually drawn from (after
+                        temperature / top-k / top-p, renormalized); 0 where mask is 0, and 0 for greedy
+                        decoding (temperature == 0: the point mass on the argmax)
+N = the longest response actually generated (<= max_new_tokens). eos_id: None (never stop), an int or a list.
+generate_mixture draws each token from the token-wise geometric mixture of two models sharing a vocabulary,
+  log pi_mix(y|x) = (1 - c) log pi_a(y|x) + c log pi_b(y|x) - log Z(x)   (Nash-MD's opponent, Munos et al. 2023,
+                                                                          arXiv 2312.00886; ALGORITHMS.md)
+with temperature / top-k / top-p applied to the mixture; one KV cache per model, so each token costs one
+decode step of each model instead of a forward pass of both over the whole prefix.
+
+Details and costs:
+- Prompts are left-padded to L = the longest prompt; position ids are derived once from the attention mask
+  (cumsum - 1), so a row's positions are those it has when run alone (no TRL #6800 left-padding bug).
+- Cache: one (B, n_kv, L + max_new_tokens, hs) buffer per layer and k/v, allocated once; prefill costs one
+  forward over (B, L), each new token one forward over (B, 1) attending to the filled prefix; only the last
+  position is projected onto the vocabulary.
+- The batch is static: a finished row keeps being decoded (its outputs are discarded) rather than being
+  dropped from the cache, which would cost a host sync per token.
+- Draws use the exponential race (equivalent to Gumbel-max) on uniform noise from `generator` (which must live
+  on the model's device; None = torch's global generator): no multinomial, no host sync.
+- Early stop when every row has finished: checked every token on CPU (a sync is free there) and every 16
+  tokens on CUDA (one host sync per 16 tokens; at most 15 wasted steps).
+- Works in fp32 on CPU and under torch.autocast("cuda", torch.bfloat16); logits are filtered in float32.
+"""
+import torch
+import torch.nn.functional as F
+
+CUDA_CHECK_EVERY = 16  # tokens between all-rows-finished checks on CUDA (each one is a host sync)
+
+
+def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """logits (B, V) -> normalized float32 log-probs (B, V) of the distribution to sample from: logits / T,
+    then the top_k largest (top_k > 0), then the smallest set of most likely tokens with mass >= top_p
+    (nucleus sampling, Holtzman et al. 2019); removed tokens get -inf. temperature == 0: the argmax, log-prob 0."""
+    logits = logits.float()
+    if temperature == 0:
+        out = torch.full_like(logits, float("-inf"))
+        return out.scatter_(-1, logits.argmax(-1, keepdim=True), 0.0)
+    if temperature != 1.0:
+        logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]                  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)        # (B, V)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs                                    # mass of more likely tokens
+        remove = mass_before >= top_p                                             # the argmax is always kept
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits.log_softmax(-1)
+
+
+def mixture_logits(logits_a, logits_b, c):
+    """(B, V) x 2 -> (1 - c) z_a + c z_b, (B, V) float32: logits of the geometric mixture. Since
+    log pi = z - logsumexp(z), (1 - c) log pi_a + c log pi_b equals this up to a per-row constant, which the
+    normalization in filter_logits removes; one lerp instead of two log_softmax passes."""
+    return torch.lerp(logits_a.float(), logits_b.float(), c)
+
+
+def sample(logprobs, generator=None):
+    """logprobs (B, V) -> token ids (B,) ~ softmax(logprobs), sync-free. Exponential race (Gumbel-max):
+    with E_i = -log U_i ~ Exp(1), argmin_i E_i / p_i ~ Categorical(p); computed as argmax_i log(U_i) / p_i,
+    which maps removed tokens (p_i = 0) and U_i = 0 to -inf, never NaN. torch.rand is ~5x cheaper than
+    exponential_ on CPU."""
+    u = torch.rand(logprobs.shape, generator=generator, device=logprobs.device)   # (B, V) U[0, 1)
+    return u.log_().div_(logprobs.exp()).argmax(-1)
+
+
+def prefill(model, ids, attention_mask, position_ids, cache):
+    """Fill `cache` with the prompts ids (B, L); returns the last position's logits (B, V)."""
+    h = model.hidden_states(ids, attention_mask, position_ids, cache)             # (B, L, d)
+    return F.linear(h[:, -1], model.lm_head_weight)
+
+
+def decode_one_token(model, tok, attention_mask, position_ids, cache):
+    """tok (B, 1) at the cache's next slot; attention_mask (B, cache.pos + 1); returns logits (B, V)."""
+    h = model.hidden_states(tok, attention_mask, position_ids, cache)             # (B, 1, d)
+    return F.linear(h[:, -1], model.lm_head_weight)
+
+
+def _setup(models, prompts, max_new_tokens, eos_id, pad_id):
+    """Validate; left-pad. Returns ids (B, L), mask (B, L + N) bool, positions (B, L + N), eos (E,), pad."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt must be a non-empty list of token ids")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    L = max(len(p) for p in prompts)
+    for m in models:
+        limit = m.config.max_position_embeddings
+        if L + max_new_tokens > limit:
+            raise ValueError(f"generate: longest prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) = "
+                             f"{L + max_new_tokens} exceeds the model's max_position_embeddings ({limit})")
+    device = models[0].embed_tokens.weight.device
+    B, N = len(prompts), max_new_tokens
+    ids = torch.tensor([[0] * (L - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    mask = torch.ones(B, L + N, dtype=torch.bool, device=device)                  # generated slots: all ones
+    mask[:, :L] = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompts], device=device)
+    positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)                        # (B, L + N)
+    eos = [] if eos_id is None else [int(e) for e in eos_id] if isinstance(eos_id, (list, tuple)) else [int(eos_id)]
+    eos = torch.tensor(eos, dtype=torch.long, device=device)                      # (E,)
+    if pad_id is None:
+        pad_id = int(eos[0]) if len(eos) else 0
+    return ids, mask, positions, eos, pad_id
+
+
+def _decode(step, first_logits, L, max_new_tokens, mask, positions, eos, pad_id, sampling, generator):
+    """The shared loop. step(tok (B, 1), mask (B, S), pos (B, 1)) -> next logits (B, V)."""
+    B, device = first_logits.shape[0], first_logits.device
+    out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_mask = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+    out_logps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    check_every = CUDA_CHECK_EVERY if device.type == "cuda" else 1
+    greedy = sampling["temperature"] == 0
+    logits, t = first_logits, 0
+    for t in range(max_new_tokens):
+        logprobs = filter_logits(logits, **sampling)                              # (B, V)
+        tok = logprobs.argmax(-1) if greedy else sample(logprobs, generator)      # (B,)
+        logp = logprobs.gather(-1, tok[:, None])[:, 0]
+        live = ~done
+        out_ids[:, t] = tok.masked_fill(done, pad_id)
+        out_mask[:, t] = live.float()
+        out_logps[:, t] = logp.masked_fill(done, 0.0)
+        done = done | torch.isin(tok, eos)
+        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
+            break
+        S = L + t + 1
+        logits = step(out_ids[:, t:t + 1], mask[:, :S], positions[:, S - 1:S])
+    n = int(out_mask.sum(1).max())                                                # longest response (one sync)
+    return out_ids[:, :n], out_mask[:, :n], out_logps[:, :n]
+
+
+def _sampling_args(temperature, top_k, top_p):
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
+                         f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, eos_id=None,
+             generator=None, pad_id=None):
+    """Sample responses to `prompts` from `model`; see the module docstring for the contract."""
+    sampling = _sampling_args(temperature, top_k, top_p)
+    ids, mask, positions, eos, pad_id = _setup([model], prompts, max_new_tokens, eos_id, pad_id)
+    B, L = ids.shape
+    cache = model.new_cache(B, L + max_new_tokens)
+    first = prefill(model, ids, mask[:, :L], positions[:, :L], cache)
+
+    def step(tok, m, pos):
+        return decode_one_token(model, tok, m, pos, cache)
+    return _decode(step, first, L, max_new_tokens, mask, positions, eos, pad_id, sampling, generator)
+
+
+@torch.no_grad()
+def generate_mixture(model_a, model_b, c, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                     eos_id=None, generator=None, pad_id=None):
+    """Sample from the geometric mixture pi_a^(1-c) pi_b^c (normalized) with one KV cache per model."""
+    if not 0 <= c <= 1:
+        raise ValueError(f"generate_mixture: the mixture coefficient c must be in [0, 1], got {c}")
+    if model_a.config.vocab_size != model_b.config.vocab_size:
+        raise ValueError(f"generate_mixture: vocabularies differ ({model_a.config.vocab_size} vs "
+                         f"{model_b.config.vocab_size})")
+    sampling = _sampling_args(temperature, top_k, top_p)
+    ids, mask, positions, eos, pad_id = _setup([model_a, model_b], prompts, max_new_tokens, eos_id, pad_id)
+    B, L = ids.shape
+    cache_a, cache_b = model_a.new_cache(B, L + max_new_tokens), model_b.new_cache(B, L + max_new_tokens)
+    m, pos = mask[:, :L], positions[:, :L]
+    first = mixture_logits(prefill(model_a, ids, m, pos, cache_a), prefill(model_b, ids, m, pos, cache_b), c)
+
+    def step(tok, m, pos):
+        return mixture_logits(decode_one_token(model_a, tok, m, pos, cache_a),
+                              decode_one_token(model_b, tok, m, pos, cache_b), c)
+    return _decode(step, first, L, max_new_tokens, mask, positions, eos, pad_id, sampling, generator)

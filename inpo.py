@@ -1,0 +1,262 @@
+"""Iterative Nash Policy Optimization (INPO).
+
+Paper: Zhang, Yu, Yin, Ye, Zhang, Jiang, Gu — "Iterative Nash Policy Optimization: Aligning LLMs with General
+Preferences via No-Regret Learning", ICLR 2025, arXiv 2407.00617 (camera-ready; equation numbers as there).
+
+The game (Eq. 3):  J(π₁, π₂) = E_x[ E P(y ≻ y') − τ KL(π₁‖π_ref) + τ KL(π₂‖π_ref) ],  equilibrium π*.
+Online mirror descent with step 1/η (Eq. 4) has the closed form (Eq. 5)
+    π_{t+1}(y) ∝ π_t(y)^{1−τ/η} · π_ref(y)^{τ/η} · exp(P(y ≻ π_t)/η),
+which INPO reaches without ever estimating P(y ≻ π_t): with
+    h_t(π, y, y') = log π(y)/π(y') − (τ/η) log π_ref(y)/π_ref(y') − ((η−τ)/η) log π_t(y)/π_t(y')
+it minimizes (Eq. 8)
+    L_t(π) = E_{y, y' ∼ π_t i.i.d., (y_w, y_l) ∼ λ_P(y, y')} [ (h_t(π, y_w, y_l) − 1/(2η))² ],
+whose minimizer satisfies h_t(π_{t+1}, y, y') = (P(y ≻ π_t) − P(y' ≻ π_t))/η (Eq. 6), i.e. Eq. (5) (Prop. 6).
+
+Paper → code
+    Algorithm 1 (π₁ = π_ref; for t: sample, query, minimize L_t from π_t)   main(), the iteration loop
+    Eq. (3) τ, Eq. (4) η                                                    Args.tau, Args.eta, eta_at()
+    Eq. (5) closed-form step (tabular)                                      mirror_descent_step()
+    h_t and Eq. (8)                                                         inpo_loss()
+    λ_P: the pair ordered with probability P(y ≻ y')                        iid_pairs()
+    §5 practical recipe: K = 8, knock-out tournament, 11 comparisons        tournament_pairs()
+    Prop. 6 (Eq. 8 = Eq. 7 up to a constant; needs y, y' i.i.d. from π_t)  --pairs iid (the default)
+    Theorem 4 (last iterate, KL(π*‖π_{t+1}) ≤ (1 − τ/η) KL(π*‖π_t) + …)     the default schedule eta_at()
+
+Deviations from the paper (numbered; each is one flag away from the paper's setting)
+    1. Step size: by default η_t = τ(t+2)/2, the schedule of Theorem 4's last-iterate analysis. The paper's
+       experiments use a constant η with τ = η/3 (`--eta 0.3` with τ = 0.1). Iterating the exact Eq. (5)
+       at η = 3τ does not converge in the last iterate on cyclic games (the duality gap oscillates above its
+       start); the schedule does. tests/test_inpo.py and the README show both.
+    2. τ defaults to the games file's β, so the run targets exactly the β-regularized equilibrium that
+       eval/dual_gap and eval/kl_ne measure (the paper sets τ = η/3 and never measures the gap).
+    3. Pairs: two i.i.d. samples from π_t ordered by one Bernoulli label (what Prop. 6 requires) by default;
+       the paper's tournament (`--pairs tournament`) selects pairs and so breaks the i.i.d. condition.
+    4. Optimization of L_t: Adam at a constant learning rate for `epochs` passes over the iteration's pairs
+       (paper: AdamW, cosine schedule, warm-up 0.03, peak 5e-7, one epoch, batch 128, on an 8B model).
+       `--pairs exact` (tabular only) minimizes the exact expectation of Eq. (8) — every ordered pair weighted
+       by π_t(y) π_t(y') P(y ≻ y') — with L-BFGS in float64, so one iteration reproduces Eq. (5).
+    5. Arena LM: π_ref is the SFT model's exact distribution including its invalid mass, played as one more
+       action that loses to every candidate (common/arena.py).
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from common.run import RunDir, batched_logprobs, comparison_table, fail, parse_args, setup_world
+
+
+@dataclass
+class Args:
+    seed: int = 1
+    """seed of every random draw (sampling, labels, minibatch order); CPU runs are bitwise reproducible"""
+    policy: str = "lm"
+    """lm (a causal LM; the arena SFT model by default) or tabular (one logit table per game)"""
+    games: str | None = None
+    """games file for evaluation, the tabular actions and the arena judge (default data/arena/games.json)"""
+    model: str | None = None
+    """HF-layout model folder to start from and regularize to (default data/arena, the arena SFT model)"""
+    judge: str = "arena"
+    """preference oracle: arena (the games' matrices) or rm:DIR (a Bradley-Terry reward model folder)"""
+    prompts: str | None = None
+    """.jsonl of {"prompt": ...} to train on (real-checkpoint world; default: the games' train split)"""
+    run_dir: str | None = None
+    """output folder (default runs/inpo__<seed>__<time>)"""
+    device: str | None = None
+    """cpu or cuda (default cuda when available; bf16 autocast there)"""
+    threads: int = 1
+    """CPU threads of torch (1 is fastest for the arena's 1M-parameter model and for tables)"""
+    iterations: int = 10
+    """T of Algorithm 1"""
+    pairs: str = "iid"
+    """iid (Prop. 6), tournament (the paper's K = 8 knock-out) or exact (tabular: exact expectation, L-BFGS)"""
+    pairs_per_prompt: int = 4
+    """i.i.d. pairs drawn per prompt and iteration (--pairs iid); tournament draws K = 8 samples instead"""
+    tau: float | None = None
+    """τ of Eq. (3), the KL coefficient to π_ref (default: the games file's β)"""
+    eta: float | None = None
+    """η of Eq. (4), inverse step size; default: Theorem 4's schedule η_t = τ(t+2)/2 (paper: constant 3τ)"""
+    lr: float | None = None
+    """Adam learning rate (default 2e-3 for lm, 0.03 for tabular)"""
+    epochs: int = 2
+    """passes over an iteration's pairs"""
+    batch_size: int = 64
+    """pairs per optimizer step"""
+    temperature: float = 1.0
+    """sampling temperature of π_t (1 keeps the samples i.i.d. from π_t, as Prop. 6 requires)"""
+
+
+def eta_at(args, t: int) -> float:
+    """η_t for iteration t = 1, 2, …: the constant --eta, else Theorem 4's schedule τ(t+2)/2."""
+    return args.eta if args.eta is not None else args.tau * (t + 2) / 2
+
+
+# ALGO LOGIC: the loss and its closed form ------------------------------------------------------------------
+
+def inpo_loss(policy_w, policy_l, ref_w, ref_l, prev_w, prev_l, eta, tau, weights=None):
+    """Eq. (8) of arXiv 2407.00617: mean of (h_t(π, y_w, y_l) − 1/(2η))².
+
+    policy_* : (B,) ℓ_θ(y) of the winner / loser (carry the gradient); ref_*: ℓ_ref; prev_*: ℓ_t (frozen π_t).
+    weights  : (B,) optional pair weights (exact expectations); the loss is Σ w·(h − c)² / Σ w.
+    Returns (loss, h) with h (B,) detached."""
+    h = (policy_w - policy_l) - (tau / eta) * (ref_w - ref_l) - ((eta - tau) / eta) * (prev_w - prev_l)
+    sq = (h - 1.0 / (2.0 * eta)) ** 2
+    loss = sq.mean() if weights is None else (weights * sq).sum() / weights.sum()
+    return loss, h.detach()
+
+
+def mirror_descent_step(pi_t, pi_ref, P, eta, tau):
+    """Eq. (5): π_{t+1} ∝ π_t^{1−τ/η} π_ref^{τ/η} exp(P(· ≻ π_t)/η); float64 tensors, one game."""
+    logits = (1 - tau / eta) * pi_t.log() + (tau / eta) * pi_ref.log() + (P @ pi_t) / eta
+    return torch.softmax(logits, dim=-1)
+
+
+# ALGO LOGIC: pairs ----------------------------------------------------------------------------------------
+
+def iid_pairs(y, k, judge, gen):
+    """Rows (2i, 2i+1) of y are i.i.d. from π_t for the same prompt; one Bernoulli label orders each pair (λ_P).
+    Returns winner rows, loser rows (LongTensors)."""
+    a = torch.arange(0, len(y), 2)
+    b = a + 1
+    a_wins = judge.label(y.select(a).prompts, y.select(a).texts, y.select(b).texts, gen).cpu()
+    return torch.where(a_wins, a, b), torch.where(a_wins, b, a)
+
+
+def tournament_pairs(y, K, judge, gen):
+    """§5 of the paper, K = 8 per prompt: a first round of 4 matches, a winners' and a losers' bracket (3 + 3
+    matches), then the champion meets the last-placed (1 match): 11 comparisons. The pair (champion, last) is
+    kept only when the champion wins that final check. Returns winner rows, loser rows."""
+    if K != 8:
+        raise ValueError("tournament pairs need K = 8 samples per prompt")
+    base = torch.arange(0, len(y), K)                       # first row of each prompt
+
+    def play(i, j):                                          # rows i, j (same prompt) -> (winner, loser)
+        won = judge.label(y.select(i).prompts, y.select(i).texts, y.select(j).texts, gen).cpu()
+        return torch.where(won, i, j), torch.where(won, j, i)
+
+    first = [play(base + 2 * m, base + 2 * m + 1) for m in range(4)]
+    w1, w2 = play(first[0][0], first[1][0]), play(first[2][0], first[3][0])
+    champ, _ = play(w1[0], w2[0])
+    l1, l2 = play(first[0][1], first[1][1]), play(first[2][1], first[3][1])
+    _, last = play(l1[1], l2[1])
+    keep_w, keep_l = play(champ, last)
+    ok = keep_w == champ
+    return keep_w[ok], keep_l[ok]
+
+
+def exact_loss(policy, pi_t, ref, P, eta, tau):
+    """Tabular only: the exact expectation of Eq. (8) over the training games. For every game, every ordered pair
+    (y, y') is weighted by π_t(y) π_t(y') P(y ≻ y') (draw y, y' i.i.d. from π_t, order them by λ_P).
+    policy, pi_t, ref: TabularPolicy over the training games (pi_t, ref frozen); P: (G, n, n) float64, 0-padded."""
+    lp, lt, lr = policy.log_probs(), pi_t.log_probs(), ref.log_probs()                 # (G, n), −inf on padding
+    valid = policy.valid
+    lp, lt, lr = (x.masked_fill(~valid, 0.0) for x in (lp, lt, lr))
+    diff = lambda x: x[:, :, None] - x[:, None, :]                                     # (G, n, n): x_y − x_y'
+    pt = lt.exp() * valid
+    weights = pt[:, :, None] * pt[:, None, :] * P
+    weights = weights * (1 - torch.eye(P.shape[-1], dtype=P.dtype))                   # y ≠ y' (h = 0 there anyway)
+    loss, _ = inpo_loss(diff(lp), 0.0, diff(lr), 0.0, diff(lt), 0.0, eta, tau, weights)  # all pairs at once
+    return loss
+
+
+def main(args: Args):
+    # setup -------------------------------------------------------------------------------------------------
+    if args.pairs not in ("iid", "tournament", "exact"):
+        fail(f"--pairs {args.pairs!r}: expected iid, tournament or exact")
+    if args.pairs == "exact" and args.policy != "tabular":
+        fail("--pairs exact needs --policy tabular (exact expectations over a finite action set)")
+    for name in ("iterations", "pairs_per_prompt", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be ≥ 1")
+    world = setup_world(args)
+    args.tau = world.beta if args.tau is None else args.tau
+    args.lr = args.lr if args.lr is not None else (0.03 if args.policy == "tabular" else 2e-3)
+    if args.tau <= 0 or (args.eta is not None and args.eta <= args.tau):
+        fail(f"need 0 < tau < eta (got tau={args.tau}, eta={args.eta}): 1 − τ/η is the weight of π_t in Eq. (5)")
+    policy, ref, judge, gen = world.policy, world.ref, world.judge, world.generator
+    shuffle_gen = torch.Generator().manual_seed(args.seed)  # minibatch order (CPU, whatever the device)
+    if args.pairs == "exact":  # the training games' matrices, (G, n, n) zero-padded (other games: weight 0)
+        exact_P = torch.zeros(policy.theta.shape + policy.theta.shape[-1:], dtype=torch.float64)
+        train_ids = {g.id for g in world.prompts}
+        for k, g in enumerate(world.games):
+            if g.id in train_ids:
+                exact_P[k, :g.n, :g.n] = torch.from_numpy(g.P)
+    run = RunDir(args, "inpo")
+    with world.autocast():
+        ref_metrics = world.evaluate(policy)
+    run.log({"iteration": 0, **ref_metrics})
+    metrics = ref_metrics
+
+    bar = tqdm(range(1, args.iterations + 1), desc="inpo", unit="iter")
+    for t in bar:
+        eta = eta_at(args, t)
+        pi_t = policy.frozen_copy()
+        t0 = time.perf_counter()
+        # sample + judge + pairs -----------------------------------------------------------------------------
+        with world.autocast():
+            if args.pairs == "exact":  # no samples: the loss below is the exact expectation
+                y = win = lose = None
+            else:
+                K = 8 if args.pairs == "tournament" else 2 * args.pairs_per_prompt
+                y = pi_t.sample(world.prompts, K, generator=gen, temperature=args.temperature)
+                win, lose = (tournament_pairs if args.pairs == "tournament" else iid_pairs)(y, K, judge, gen)
+                # π_t and π_ref log-probs: once per iteration, frozen constants of h_t
+                prev = batched_logprobs(pi_t, y)
+                ref_lp = batched_logprobs(ref, y)
+        t_sample = time.perf_counter() - t0
+        # loss + update ---------------------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        stats = []
+        if args.pairs == "exact":
+            n_pairs = 0
+            opt = torch.optim.LBFGS(policy.parameters(), lr=1, max_iter=200, tolerance_grad=1e-13,
+                                    tolerance_change=1e-16, history_size=20, line_search_fn="strong_wolfe")
+
+            def closure():
+                opt.zero_grad()
+                loss = exact_loss(policy, pi_t, ref, exact_P, eta, args.tau)
+                loss.backward()
+                return loss
+            for _ in range(args.epochs):
+                stats.append(opt.step(closure).detach())
+        else:
+            n_pairs = len(win)
+            opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
+            for _ in range(args.epochs):
+                order = torch.randperm(n_pairs, generator=shuffle_gen)
+                for s in range(0, n_pairs, args.batch_size):
+                    mb = order[s:s + args.batch_size]
+                    w, l = win[mb], lose[mb]
+                    with world.autocast():
+                        lp = policy.logprobs(y.select(torch.cat([w, l])))
+                    B = len(mb)
+                    dev = lp.device
+                    loss, h = inpo_loss(lp[:B], lp[B:], ref_lp[w].to(dev), ref_lp[l].to(dev),
+                                        prev[w].to(dev), prev[l].to(dev), eta, args.tau)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    stats.append(loss.detach())
+        t_train = time.perf_counter() - t0
+        # eval --------------------------------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        metrics = world.evaluate(policy)
+        row = {"iteration": t, **metrics,
+               "train/loss": float(torch.stack(stats).mean()) if stats else float("nan"),
+               "train/pairs": n_pairs, "train/eta": eta, "train/tau": args.tau,
+               "perf/sample_s": t_sample, "perf/train_s": t_train, "perf/eval_s": time.perf_counter() - t0}
+        run.log(row)
+        bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4f}" for k in ("eval/dual_gap", "eval/win_vs_ref")
+                         if k in metrics})
+
+    # save ------------------------------------------------------------------------------------------------------
+    policy.save(run.tmp)
+    path = run.finish()
+    print(comparison_table(ref_metrics, metrics, world.games))
+    print(f"run dir: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))

@@ -1,0 +1,76 @@
+"""Shared helpers of the algorithm tests: random games files (the EGPO tabular test-bed of ALGORITHMS.md §0)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_P(n, rng):
+    """Diagonal ½, strict lower triangle U(0, 1), upper = 1 − lower (EGPO's test-bed)."""
+    L = np.tril(rng.uniform(size=(n, n)), -1)
+    P = L + np.triu(1 - L.T, 1)
+    np.fill_diagonal(P, 0.5)
+    return P
+
+
+def cyclic_P(n, strength=0.9):
+    """Rock-paper-scissors on n actions: i beats i+1 … i+⌊n/2⌋ (mod n) with probability `strength`."""
+    P = np.full((n, n), 0.5)
+    for i in range(n):
+        for d in range(1, n // 2 + 1):
+            if 2 * d != n:
+                j = (i + d) % n
+                P[i, j], P[j, i] = strength, 1 - strength
+    return P
+
+
+def bt_P(r):
+    r = np.asarray(r, dtype=np.float64)
+    return 1 / (1 + np.exp(-(r[:, None] - r[None, :])))
+
+
+def write_games(path, Ps, beta=0.1, refs=None, family="random", split="train"):
+    """A games file (contract 2) with one game per matrix; candidates are "a0", "a1", …"""
+    games = []
+    for k, P in enumerate(Ps):
+        n = len(P)
+        g = {"id": f"g{k}", "prompt": f"prompt {k}", "candidates": [f"a{i}" for i in range(n)],
+             "P": np.asarray(P).tolist(), "family": family, "split": split}
+        if refs is not None:
+            g["ref"] = list(map(float, refs[k]))
+        games.append(g)
+    with open(path, "w") as f:
+        json.dump({"beta": beta, "games": games}, f)
+    return str(path)
+
+
+@pytest.fixture
+def random_games(tmp_path):
+    """Three random 10-action games, β = 0.1, non-uniform refs."""
+    rng = np.random.default_rng(0)
+    Ps = [random_P(10, rng) for _ in range(3)]
+    refs = [rng.dirichlet(np.ones(10)) + 0.01 for _ in range(3)]
+    refs = [r / r.sum() for r in refs]
+    return write_games(tmp_path / "games.json", Ps, refs=refs)
+
+
+def run_script(*argv, timeout=600):
+    """Run a top-level script in a subprocess from the repo root; returns CompletedProcess."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_policy(run_dir):
+    with open(os.path.join(run_dir, "policy.json")) as f:
+        return json.load(f)

@@ -1,0 +1,191 @@
+"""common/sampler.py against naive references: transformers' greedy generate, no-cache recomputation, the
+hand-computed geometric mixture, and sampled frequencies vs the softmax. Tiny random models, CPU, fp32."""
+import math
+
+import pytest
+import torch
+
+from common.model import ModelConfig, Transformer, from_pretrained
+from common.sampler import filter_logits, generate, generate_mixture, mixture_logits, prefill
+
+PROMPTS = [[5, 9, 2, 7, 1, 3], [4], [8, 8, 6, 11], [3, 1, 4, 1, 5, 9, 2, 6, 5]]  # ragged
+
+
+def tiny(model_type="llama", seed=0, vocab=64, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(model_type=model_type, vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+               num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    if model_type == "gpt2":
+        cfg.update(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)
+    else:
+        cfg.update(num_key_value_heads=2)
+    cfg.update(kw)
+    model = Transformer(ModelConfig(**cfg)).eval()
+    with torch.no_grad():  # std 0.02 makes near-uniform logits; sharpen them so samples differ visibly
+        model.norm.weight.mul_(25.0)
+    return model
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def recompute_logps(model, prompts, ids, mask, **sampling):
+    """Naive reference: for each row, no-cache forwards of the unpadded prompt + response prefix."""
+    out = torch.zeros_like(mask)
+    with torch.no_grad():
+        for b, p in enumerate(prompts):
+            n = int(mask[b].sum())
+            seq = torch.tensor([p + ids[b, :n].tolist()])
+            logprobs = filter_logits(model(seq)[0, len(p) - 1:len(p) - 1 + n], **sampling)  # (n, V)
+            out[b, :n] = logprobs.gather(-1, ids[b, :n, None])[:, 0]
+    return out
+
+
+# ---- parity with transformers -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_greedy_matches_transformers_per_row(model_type, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if model_type == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       initializer_range=0.5)
+        hf = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      initializer_range=0.5)
+        hf = transformers.GPT2LMHeadModel(cfg)
+    hf.eval().save_pretrained(tmp_path)
+    ours = from_pretrained(str(tmp_path))
+    ids, mask, logps = generate(ours, PROMPTS, 20, temperature=0.0)
+    assert ids.shape == (len(PROMPTS), 20) and bool(mask.all()) and bool((logps == 0).all())
+    for b, p in enumerate(PROMPTS):
+        x = torch.tensor([p])
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20, min_new_tokens=20,
+                          do_sample=False, pad_token_id=0, eos_token_id=95)
+        assert ids[b].tolist() == ref[0, len(p):].tolist(), f"row {b}"
+        alone, _, _ = generate(ours, [p], 20, temperature=0.0)   # the batch equals the row run alone
+        assert alone[0].tolist() == ids[b].tolist()
+
+
+# ---- KV cache vs recomputation ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=10, top_p=0.9)])
+def test_cached_logps_equal_recomputation(model_type, sampling):
+    model = tiny(model_type)
+    ids, mask, logps = generate(model, PROMPTS, 12, generator=gen(1), **sampling)
+    ref = recompute_logps(model, PROMPTS, ids, mask, **sampling)
+    torch.testing.assert_close(logps, ref, atol=1e-5, rtol=0)
+    assert logps.dtype == torch.float32 and bool((logps[mask.bool()] <= 0).all()) and bool((logps < 0).any())
+
+
+def test_top_k_1_equals_greedy():
+    model = tiny()
+    greedy = generate(model, PROMPTS, 10, temperature=0.0)[0]
+    ids, _, logps = generate(model, PROMPTS, 10, top_k=1, generator=gen(3))
+    assert torch.equal(ids, greedy) and bool((logps == 0).all())
+
+
+def test_top_p_keeps_smallest_set_with_enough_mass():
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])
+    logits = probs.log()[None] + 3.0   # a constant shift must not matter
+    for p, kept in [(0.4, [1]), (0.5, [1]), (0.75, [1, 3]), (0.81, [0, 1, 3]), (0.97, [0, 1, 2, 3])]:
+        out = filter_logits(logits, top_p=p)[0].exp()
+        assert torch.nonzero(out).flatten().tolist() == kept, p
+        torch.testing.assert_close(out[kept], probs[kept] / probs[kept].sum())
+    out = filter_logits(logits, top_k=2)[0].exp()   # top-k on the same vector
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.5, 0.0, 0.3]) / 0.8)
+
+
+# ---- randomness ---------------------------------------------------------------------------------------
+
+def test_seeds():
+    model = tiny()
+    a, b, c = (generate(model, PROMPTS, 16, generator=gen(s))[0] for s in (7, 7, 8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_first_token_frequencies_match_softmax():
+    """4000 draws of the first token; every frequency within 5 standard errors of softmax(logits / T)."""
+    model, T, n = tiny(vocab=12), 0.8, 4000
+    prompt = [3, 1, 4]
+    with torch.no_grad():
+        p = (model(torch.tensor([prompt]))[0, -1] / T).softmax(-1)
+    ids, _, _ = generate(model, [prompt] * n, 1, temperature=T, generator=gen(0))
+    freq = torch.bincount(ids[:, 0], minlength=12).double() / n
+    se = (p.double() * (1 - p.double()) / n).sqrt()
+    assert bool(((freq - p.double()).abs() <= 5 * se + 1e-3).all()), (freq, p)
+    assert p.max() < 0.9 and (p > 0.02).sum() >= 4   # the test distribution is not degenerate
+
+
+# ---- EOS, mask, trimming, errors ----------------------------------------------------------------------
+
+def test_per_row_eos_mask_and_pad():
+    model = tiny(vocab=16)
+    eos, pad = [2, 5], 15
+    ids, mask, logps = generate(model, PROMPTS * 4, 30, eos_id=eos, pad_id=pad, generator=gen(0))
+    lengths = mask.sum(1).long()
+    assert ids.shape[1] == int(lengths.max()) and lengths.min() < lengths.max()   # trimmed, ragged stops
+    for b in range(ids.shape[0]):
+        n = int(lengths[b])
+        row = ids[b].tolist()
+        assert mask[b, :n].eq(1).all() and mask[b, n:].eq(0).all()
+        hit = [i for i, t in enumerate(row[:n]) if t in eos]
+        assert hit == ([n - 1] if row[n - 1] in eos else [])   # EOS counted, and only at the end
+        assert n == 30 or row[n - 1] in eos                     # a row stops only at EOS or the budget
+        assert all(t == pad for t in row[n:]) and logps[b, n:].eq(0).all()
+    assert (lengths < 30).sum() > 0
+
+
+def test_all_rows_stop_early_and_int_eos():
+    model = tiny(vocab=16)
+    greedy = generate(model, PROMPTS, 5, temperature=0.0)[0]
+    eos = int(greedy[0, 2])   # row 0 stops at its third token at the latest
+    ids, mask, _ = generate(model, PROMPTS, 40, temperature=0.0, eos_id=eos)
+    assert mask[0].sum() <= 3 and ids.shape[1] == int(mask.sum(1).max())
+
+
+def test_bad_prompts_raise():
+    model = tiny()   # max_position_embeddings 64
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(model, [[1] * 60], 5)
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(model, [[1, 2], []], 5)
+    generate(model, [[1] * 59], 5)   # exactly at the limit is fine
+
+
+# ---- the geometric mixture ----------------------------------------------------------------------------
+
+def test_mixture_distribution_equals_normalized_geometric_mixture():
+    model_a, model_b, c = tiny(seed=0), tiny(seed=1), 0.3
+    prompt = [5, 9, 2, 7]
+    with torch.no_grad():
+        la = model_a(torch.tensor([prompt]))[0, -1].log_softmax(-1).double()
+        lb = model_b(torch.tensor([prompt]))[0, -1].log_softmax(-1).double()
+        by_hand = ((1 - c) * la + c * lb).log_softmax(-1)   # log of pi_a^(1-c) pi_b^c / Z
+        ids = torch.tensor([prompt])
+        mask, pos = torch.ones_like(ids, dtype=torch.bool), torch.arange(4)[None]
+        logits = [prefill(m, ids, mask, pos, m.new_cache(1, 8)) for m in (model_a, model_b)]
+        internal = filter_logits(mixture_logits(*logits, c))[0]   # what generate_mixture samples from
+    torch.testing.assert_close(internal.double(), by_hand, atol=1e-5, rtol=0)
+    # returned log-probs of sampled tokens at every step: no-cache hand mixture over the growing prefix
+    ids, mask, logps = generate_mixture(model_a, model_b, c, PROMPTS, 8, generator=gen(2))
+    with torch.no_grad():
+        for b, p in enumerate(PROMPTS):
+            seq = torch.tensor([p + ids[b].tolist()])
+            mix = ((1 - c) * model_a(seq)[0].log_softmax(-1) + c * model_b(seq)[0].log_softmax(-1)).log_softmax(-1)
+            ref = mix[len(p) - 1:-1].gather(-1, ids[b, :, None])[:, 0]
+            torch.testing.assert_close(logps[b], ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("c", [0.0, 1.0])
+def test_mixture_endpoints_equal_single_model(c):
+    model_a, model_b = tiny(seed=0), tiny(seed=1)
+    kw = dict(temperature=0.9, top_k=20, top_p=0.95)
+    mix = generate_mixture(model_a, model_b, c, PROMPTS, 12, generator=gen(4), **kw)
+    single = generate(model_b if c == 1 else model_a, PROMPTS, 12, generator=gen(4), **kw)
+    assert torch.equal(mix[0], single[0]) and torch.equal(mix[1], single[1])
+    torch.testing.assert_close(mix[2], single[2], atol=1e-5, rtol=0)
