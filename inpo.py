@@ -37,6 +37,9 @@ Deviations from the paper (numbered; each is one flag away from the paper's sett
        by π_t(y) π_t(y') P(y ≻ y') — with L-BFGS in float64, so one iteration reproduces Eq. (5).
     5. Arena LM: π_ref is the SFT model's exact distribution including its invalid mass, played as one more
        action that loses to every candidate (common/arena.py).
+    6. `--labels expected` (not the default) replaces the Bernoulli draw of λ_P by its expectation: each i.i.d.
+       pair enters in both orders with weights P(y ≻ y') and P(y' ≻ y). Same expected loss, no label noise;
+       it needs an oracle that returns probabilities (a preference or reward model does).
 """
 import time
 from dataclasses import dataclass
@@ -67,21 +70,23 @@ class Args:
     """cpu or cuda (default cuda when available; bf16 autocast there)"""
     threads: int = 1
     """CPU threads of torch (1 is fastest for the arena's 1M-parameter model and for tables)"""
-    iterations: int = 10
+    iterations: int = 6
     """T of Algorithm 1"""
     pairs: str = "iid"
     """iid (Prop. 6), tournament (the paper's K = 8 knock-out) or exact (tabular: exact expectation, L-BFGS)"""
-    pairs_per_prompt: int = 4
+    labels: str = "sampled"
+    """sampled (one Bernoulli label orders each pair: λ_P of Eq. 8) or expected (both orders, weights P and 1 − P)"""
+    pairs_per_prompt: int = 16
     """i.i.d. pairs drawn per prompt and iteration (--pairs iid); tournament draws K = 8 samples instead"""
     tau: float | None = None
     """τ of Eq. (3), the KL coefficient to π_ref (default: the games file's β)"""
     eta: float | None = None
     """η of Eq. (4), inverse step size; default: Theorem 4's schedule η_t = τ(t+2)/2 (paper: constant 3τ)"""
     lr: float | None = None
-    """Adam learning rate (default 2e-3 for lm, 0.03 for tabular)"""
+    """Adam learning rate (default 2e-4 for lm, 0.03 for tabular)"""
     epochs: int = 2
     """passes over an iteration's pairs"""
-    batch_size: int = 64
+    batch_size: int = 128
     """pairs per optimizer step"""
     temperature: float = 1.0
     """sampling temperature of π_t (1 keeps the samples i.i.d. from π_t, as Prop. 6 requires)"""
@@ -114,13 +119,19 @@ def mirror_descent_step(pi_t, pi_ref, P, eta, tau):
 
 # ALGO LOGIC: pairs ----------------------------------------------------------------------------------------
 
-def iid_pairs(y, k, judge, gen):
+def iid_pairs(y, k, judge, gen, expected=False):
     """Rows (2i, 2i+1) of y are i.i.d. from π_t for the same prompt; one Bernoulli label orders each pair (λ_P).
-    Returns winner rows, loser rows (LongTensors)."""
+    Returns winner rows, loser rows (LongTensors) and weights (None: every pair counts once).
+    expected=True: λ_P's expectation instead of a draw — each pair in both orders, weighted P(a ≻ b) and
+    P(b ≻ a). Eq. (8)'s expected value is unchanged; the label noise is gone (Rao-Blackwellization)."""
     a = torch.arange(0, len(y), 2)
     b = a + 1
-    a_wins = judge.label(y.select(a).prompts, y.select(a).texts, y.select(b).texts, gen).cpu()
-    return torch.where(a_wins, a, b), torch.where(a_wins, b, a)
+    ya, yb = y.select(a), y.select(b)
+    if expected:
+        p = judge.prob(ya.prompts, ya.texts, yb.texts).cpu()
+        return torch.cat([a, b]), torch.cat([b, a]), torch.cat([p, 1 - p])
+    a_wins = judge.label(ya.prompts, ya.texts, yb.texts, gen).cpu()
+    return torch.where(a_wins, a, b), torch.where(a_wins, b, a), None
 
 
 def tournament_pairs(y, K, judge, gen):
@@ -142,7 +153,7 @@ def tournament_pairs(y, K, judge, gen):
     _, last = play(l1[1], l2[1])
     keep_w, keep_l = play(champ, last)
     ok = keep_w == champ
-    return keep_w[ok], keep_l[ok]
+    return keep_w[ok], keep_l[ok], None
 
 
 def exact_loss(policy, pi_t, ref, P, eta, tau):
@@ -162,6 +173,8 @@ def exact_loss(policy, pi_t, ref, P, eta, tau):
 
 def main(args: Args):
     # setup -------------------------------------------------------------------------------------------------
+    if args.labels not in ("sampled", "expected"):
+        fail(f"--labels {args.labels!r}: expected sampled or expected")
     if args.pairs not in ("iid", "tournament", "exact"):
         fail(f"--pairs {args.pairs!r}: expected iid, tournament or exact")
     if args.pairs == "exact" and args.policy != "tabular":
@@ -171,7 +184,7 @@ def main(args: Args):
             fail(f"--{name.replace('_', '-')} must be ≥ 1")
     world = setup_world(args)
     args.tau = world.beta if args.tau is None else args.tau
-    args.lr = args.lr if args.lr is not None else (0.03 if args.policy == "tabular" else 2e-3)
+    args.lr = args.lr if args.lr is not None else (0.03 if args.policy == "tabular" else 2e-4)
     if args.tau <= 0 or (args.eta is not None and args.eta <= args.tau):
         fail(f"need 0 < tau < eta (got tau={args.tau}, eta={args.eta}): 1 − τ/η is the weight of π_t in Eq. (5)")
     policy, ref, judge, gen = world.policy, world.ref, world.judge, world.generator
@@ -181,7 +194,7 @@ def main(args: Args):
         train_ids = {g.id for g in world.prompts}
         for k, g in enumerate(world.games):
             if g.id in train_ids:
-                exact_P[k, :g.n, :g.n] = torch.from_numpy(g.P)
+                exact_P[k, :g.n, :g.n] = torch.tensor(g.P)
     run = RunDir(args, "inpo")
     with world.autocast():
         ref_metrics = world.evaluate(policy)
@@ -200,7 +213,10 @@ def main(args: Args):
             else:
                 K = 8 if args.pairs == "tournament" else 2 * args.pairs_per_prompt
                 y = pi_t.sample(world.prompts, K, generator=gen, temperature=args.temperature)
-                win, lose = (tournament_pairs if args.pairs == "tournament" else iid_pairs)(y, K, judge, gen)
+                if args.pairs == "tournament":
+                    win, lose, weights = tournament_pairs(y, K, judge, gen)
+                else:
+                    win, lose, weights = iid_pairs(y, K, judge, gen, expected=args.labels == "expected")
                 # π_t and π_ref log-probs: once per iteration, frozen constants of h_t
                 prev = batched_logprobs(pi_t, y)
                 ref_lp = batched_logprobs(ref, y)
@@ -233,7 +249,8 @@ def main(args: Args):
                     B = len(mb)
                     dev = lp.device
                     loss, h = inpo_loss(lp[:B], lp[B:], ref_lp[w].to(dev), ref_lp[l].to(dev),
-                                        prev[w].to(dev), prev[l].to(dev), eta, args.tau)
+                                        prev[w].to(dev), prev[l].to(dev), eta, args.tau,
+                                        None if weights is None else weights[mb].to(dev, lp.dtype))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -72,20 +72,20 @@ class Args:
     """cpu or cuda (default cuda when available; bf16 autocast there)"""
     threads: int = 1
     """CPU threads of torch (1 is fastest for the arena's 1M-parameter model and for tables)"""
-    iterations: int = 10
+    iterations: int = 6
     """mirror-prox iterations k (two proximal steps, two preference queries per sample, each)"""
     step: str = "pg"
     """pg (stochastic policy gradient), pg-exact (tabular: the same gradient in exact expectation) or closed (tabular)"""
     samples_per_prompt: int = 4
     """responses y ∼ π_θ (each against one y' ∼ opponent) per prompt and inner step"""
-    inner_steps: int = 8
+    inner_steps: int = 4
     """optimizer steps per proximal step"""
     beta: float | None = None
     """β: KL coefficient to π_ref (default: the games file's β)"""
     eta: float | None = None
     """η: the proximal term is (β/η) KL(π‖π^k) (default 2β, the largest the convergence conditions allow)"""
     lr: float | None = None
-    """Adam learning rate of the inner steps (default 1e-3 for lm, 0.3 for tabular)"""
+    """Adam learning rate of the inner steps (default 2e-4 for lm, 0.3 for tabular)"""
     temperature: float = 1.0
     """sampling temperature of π_θ and of the opponent"""
 
@@ -193,7 +193,7 @@ def main(args: Args):
     world = setup_world(args)
     args.beta = world.beta if args.beta is None else args.beta
     args.eta = 2 * args.beta if args.eta is None else args.eta
-    args.lr = args.lr if args.lr is not None else (0.3 if args.policy == "tabular" else 1e-3)
+    args.lr = args.lr if args.lr is not None else (0.3 if args.policy == "tabular" else 2e-4)
     if args.beta <= 0 or args.eta <= 0:
         fail(f"need beta > 0 and eta > 0 (got beta={args.beta}, eta={args.eta})")
     policy, ref = world.policy, world.ref

@@ -1,5 +1,5 @@
 """
-Benchmark: chunked token_logprobs (common/losses.py) vs the naive log_softmax(h @ W.T).gather.
+Benchmark: tiled token_logprobs (common/losses.py) vs the naive log_softmax(h @ W.T).gather.
 
 Not a test; prints ratios fused / naive measured side by side in one run, for
     (a) forward + backward (grads w.r.t. hidden and weight),
@@ -12,10 +12,12 @@ returned), measured for each variant in a fresh subprocess in two ways:
              minus the RSS right after the inputs were built (on CUDA: torch.cuda.max_memory_allocated);
     tracker: live tensor bytes counted by a TorchDispatchMode (each new output storage added, and
              subtracted when it is freed), run once more in the same subprocess.
-Time: median over --repeats after one warm-up, the two variants interleaved in one process (wall
-time, and on CPU also this process's CPU time, which other load on a shared machine disturbs less).
+Time: median (and min) over --repeats after one warm-up, the two variants interleaved in one process
+(wall time, and on CPU also this process's CPU time, which other load on a shared machine disturbs
+less).
 
-    python bench/bench_logprobs.py [--n 1024] [--d 896] [--v 151936] [--repeats 3] [--device cpu]
+    python bench/bench_logprobs.py [--n 1024] [--d 896] [--v 151936] [--repeats 3] [--device cpu|cuda]
+                                    [--dtype float32] [--threads 0]
 """
 
 import argparse
@@ -169,8 +171,7 @@ def measure_time(args, train):
     if train:
         err["grad_h"] = (gr_f[0] - gr_n[0]).abs().max().item()
         err["grad_w"] = (gr_f[1] - gr_n[1]).abs().max().item()
-    median = lambda d: {name: statistics.median(ts) for name, ts in d.items()}  # noqa: E731
-    return median(times), median(cpu_times), err
+    return times, cpu_times, err
 
 
 def main():
@@ -204,11 +205,12 @@ def main():
         for kind in ("rss", "tracker"):
             n, f = mem["naive"][kind], mem["fused"][kind]
             rows.append((f"{label} extra peak MB ({kind})", f"{n / mb:.1f}", f"{f / mb:.1f}", f"{f / n:.3f}"))
-        n, f = times["naive"], times["fused"]
-        rows.append((f"{label} wall time s (median)", f"{n:.3f}", f"{f:.3f}", f"{f / n:.3f}"))
+        stats = [("wall time s (median)", times, statistics.median), ("wall time s (min)", times, min)]
         if args.device == "cpu":  # CPU time of this process: less sensitive to other load on a shared machine
-            n, f = cpu_times["naive"], cpu_times["fused"]
-            rows.append((f"{label} cpu time s (median)", f"{n:.3f}", f"{f:.3f}", f"{f / n:.3f}"))
+            stats.append(("cpu time s (median)", cpu_times, statistics.median))
+        for name, ts, stat in stats:
+            n, f = stat(ts["naive"]), stat(ts["fused"])
+            rows.append((f"{label} {name}", f"{n:.3f}", f"{f:.3f}", f"{f / n:.3f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(wd) if i == 0 else c.rjust(wd) for i, (c, wd) in enumerate(zip(r, widths))))

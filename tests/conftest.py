@@ -74,3 +74,26 @@ def read_metrics(run_dir):
 def read_policy(run_dir):
     with open(os.path.join(run_dir, "policy.json")) as f:
         return json.load(f)
+
+
+def check_lm_runs(tmp_path, script, *argv):
+    """Run `script` twice on the arena LM with the same seed: both finish, write contract 3's files and
+    contract 4's metrics, train (the weights change) and agree bit for bit. Returns (metrics rows, stdout)."""
+    outs, r = [], None
+    for name in ("a", "b"):
+        d = str(tmp_path / name)
+        r = run_script(script, *argv, "--run-dir", d)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(d)
+    for f in ("args.json", "metrics.jsonl", "config.json", "model.safetensors", "tokenizer.json"):
+        assert os.path.isfile(os.path.join(outs[0], f)), f
+    rows = read_metrics(outs[0])
+    assert [row["iteration"] for row in rows] == [0, 1]
+    for k in ("eval/dual_gap", "eval/exploit", "eval/kl_ne", "eval/win_vs_ref", "eval/valid"):
+        assert all(np.isfinite(row[k]) for row in rows), k
+    weights = [open(os.path.join(d, "model.safetensors"), "rb").read() for d in outs]
+    with open(os.path.join(ROOT, "data", "arena", "model.safetensors"), "rb") as f:
+        sft = f.read()
+    assert weights[0] == weights[1] and weights[0] != sft  # same seed, same bits; and it trained
+    assert "sft→trained" in r.stdout
+    return rows, r.stdout

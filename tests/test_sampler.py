@@ -1,6 +1,5 @@
 """common/sampler.py against naive references: transformers' greedy generate, no-cache recomputation, the
 hand-computed geometric mixture, and sampled frequencies vs the softmax. Tiny random models, CPU, fp32."""
-import math
 
 import pytest
 import torch
