@@ -78,6 +78,10 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
+        if self.model_type == "qwen2":      # Qwen2 always has q/k/v biases (its config has no flag for them)
+            self.attention_bias = True
+        if self.model_type == "gpt2":       # GPT-2 has biases everywhere
+            self.attention_bias = self.mlp_bias = True
 
     # ---- config.json <-> ModelConfig ------------------------------------------------------------
     @classmethod
@@ -407,6 +411,8 @@ def _check_supported(cfg: ModelConfig):
                          f"num_key_value_heads {cfg.num_key_value_heads}")
     if cfg.model_type != "gpt2":
         rope_inv_freq(cfg)  # raises on unsupported scaling
+    elif cfg.num_key_value_heads != cfg.num_attention_heads or cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        raise ValueError("gpt2 has neither grouped-query attention nor a separate head_dim")
 
 
 # ---- HF names <-> our names -------------------------------------------------------------------------

@@ -176,10 +176,11 @@ def test_reward_model_scores_match_transformers(family, tmp_path):
     assert torch.equal(back(x, attention_mask=mask).logits, hf(x, attention_mask=mask).logits)
 
 
-def test_fresh_model_round_trip(tmp_path):
-    """A model we build from scratch (as data/make_arena.py does) saves, and transformers loads it."""
-    cfg = ModelConfig(model_type="llama", vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=32,
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "gpt2"])
+def test_fresh_model_round_trip(tmp_path, model_type):
+    """A model we build from scratch (as data/make_arena.py does) saves, and transformers and we load it back."""
+    cfg = ModelConfig(model_type=model_type, vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4 if model_type == "gpt2" else 2, intermediate_size=48, max_position_embeddings=32,
                       tie_word_embeddings=True, eos_token_id=1, pad_token_id=0, bos_token_id=None)
     torch.manual_seed(0)
     ours = randomize(Transformer(cfg)).eval()
@@ -188,6 +189,7 @@ def test_fresh_model_round_trip(tmp_path):
     x = ids(2, 12)
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max() <= 1e-4
+        assert torch.equal(from_pretrained(tmp_path)(x), ours(x))
 
 
 # ---- special ids --------------------------------------------------------------------------------------
