@@ -54,7 +54,7 @@ def parse_args(cls, argv=None):
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        typ = hints[f.name] if not isinstance(hints[f.name], str) else eval(hints[f.name])  # noqa: S307 (own source)
+        typ = hints[f.name]
         help_ = docs.get(f.name, "")
         if typ is bool:
             p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
@@ -135,11 +135,12 @@ class World:
         """Exact arena metrics (contract 4) when there is a games file; otherwise eval/win_vs_ref estimated by
         the judge on eval_prompts, one response per prompt from π and from π_ref (a fixed seed per call)."""
         import torch
+
         from common.arena import evaluate
+        from common.policy import TabularPolicy
         with torch.no_grad(), self.autocast():
-            if self.games is not None:
-                return evaluate(policy, self.games, None if policy.__class__.__name__ == "TabularPolicy"
-                                else self.ref)
+            if self.games is not None:  # a table's π_ref is the games file's ref; an LM's is the SFT model
+                return evaluate(policy, self.games, None if isinstance(policy, TabularPolicy) else self.ref)
             g = torch.Generator(device=self.generator.device).manual_seed(12345)
             a = policy.sample(self.eval_prompts, n_samples, generator=g)
             b = self.ref.sample(self.eval_prompts, n_samples, generator=g)
@@ -177,7 +178,7 @@ def setup_world(args) -> World:
     import torch
 
     from common.arena import ARENA_DIR, GAMES_PATH, GamesError, load_games
-    from common.judges import make_judge
+    from common.judges import ArenaJudge, make_judge
     from common.policy import LMPolicy, TabularPolicy
 
     random.seed(args.seed)
@@ -204,8 +205,11 @@ def setup_world(args) -> World:
         else:
             prompts = list(games.select(split="train")) or list(games)
             eval_prompts = []
-        if args.prompts is not None and args.judge == "arena":
-            judge.prob([p for p in prompts[:1]], [""], [""])  # arena judge knows only the games' prompts
+        if args.prompts is not None and isinstance(judge, ArenaJudge):
+            unknown = [p for p in prompts if p not in judge.by_prompt]
+            if unknown:
+                raise ValueError(f"--judge arena knows only the prompts of {judge.games.path}; {args.prompts} has "
+                                 f"{unknown[0]!r} (use --judge rm:DIR)")
     except (GamesError, ValueError, KeyError, FileNotFoundError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         fail(str(msg))

@@ -158,21 +158,24 @@ def bad_games(tmp_path):
     return str(f)
 
 
-@pytest.mark.parametrize("case", ["games", "prompts", "judge", "model", "pairs", "flag"])
+@pytest.mark.parametrize("case", ["games", "prompts", "arena-prompt", "judge", "model", "pairs", "flag"])
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case):
     run_dir = tmp_path / "run"
     argv = {"games": ["--policy", "tabular", "--games", bad_games(tmp_path)],
             "prompts": ["--prompts", str(tmp_path / "p.jsonl")],
+            "arena-prompt": ["--prompts", str(tmp_path / "q.jsonl")],
             "judge": ["--judge", "oracle"],
             "model": ["--model", str(tmp_path)],
             "pairs": ["--pairs", "exact"],
             "flag": ["--eta", "fast"]}[case]
     (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\nnot json\n')
+    (tmp_path / "q.jsonl").write_text('{"prompt": "not an arena prompt"}\n')
     r = run_script("inpo.py", *argv, "--run-dir", str(run_dir), "--iterations", "1")
     assert r.returncode != 0
     lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    expected = {"games": "bad.json", "prompts": "p.jsonl:2", "judge": "--judge", "model": "config.json",
+    expected = {"games": "bad.json", "prompts": "p.jsonl:2", "arena-prompt": "use --judge rm:DIR",
+                "judge": "--judge", "model": "config.json",
                 "pairs": "--pairs exact", "flag": "--eta"}[case]
     assert expected in lines[0]
     assert not run_dir.exists() and not os.path.exists(str(run_dir) + ".incomplete")
