@@ -119,7 +119,7 @@ def mirror_descent_step(pi_t, pi_ref, P, eta, tau):
 
 # ALGO LOGIC: pairs ----------------------------------------------------------------------------------------
 
-def iid_pairs(y, k, judge, gen, expected=False):
+def iid_pairs(y, judge, gen, expected=False):
     """Rows (2i, 2i+1) of y are i.i.d. from π_t for the same prompt; one Bernoulli label orders each pair (λ_P).
     Returns winner rows, loser rows (LongTensors) and weights (None: every pair counts once).
     expected=True: λ_P's expectation instead of a draw — each pair in both orders, weighted P(a ≻ b) and
@@ -185,6 +185,8 @@ def main(args: Args):
     world = setup_world(args)
     args.tau = world.beta if args.tau is None else args.tau
     args.lr = args.lr if args.lr is not None else (0.03 if args.policy == "tabular" else 2e-4)
+    if args.lr <= 0 or args.temperature <= 0:
+        fail(f"--lr and --temperature must be > 0 (got {args.lr}, {args.temperature})")
     if args.tau <= 0 or (args.eta is not None and args.eta <= args.tau):
         fail(f"need 0 < tau < eta (got tau={args.tau}, eta={args.eta}): 1 − τ/η is the weight of π_t in Eq. (5)")
     policy, ref, judge, gen = world.policy, world.ref, world.judge, world.generator
@@ -196,8 +198,7 @@ def main(args: Args):
             if g.id in train_ids:
                 exact_P[k, :g.n, :g.n] = torch.tensor(g.P)
     run = RunDir(args, "inpo")
-    with world.autocast():
-        ref_metrics = world.evaluate(policy)
+    ref_metrics = world.evaluate(policy)
     run.log({"iteration": 0, **ref_metrics})
     metrics = ref_metrics
 
@@ -216,7 +217,7 @@ def main(args: Args):
                 if args.pairs == "tournament":
                     win, lose, weights = tournament_pairs(y, K, judge, gen)
                 else:
-                    win, lose, weights = iid_pairs(y, K, judge, gen, expected=args.labels == "expected")
+                    win, lose, weights = iid_pairs(y, judge, gen, expected=args.labels == "expected")
                 # π_t and π_ref log-probs: once per iteration, frozen constants of h_t
                 prev = batched_logprobs(pi_t, y)
                 ref_lp = batched_logprobs(ref, y)
@@ -235,7 +236,8 @@ def main(args: Args):
                 loss.backward()
                 return loss
             for _ in range(args.epochs):
-                stats.append(opt.step(closure).detach())
+                opt.step(closure)
+                stats.append(closure().detach())  # the loss at the minimizer (step() returns the starting one)
         else:
             n_pairs = len(win)
             opt = torch.optim.Adam(policy.parameters(), lr=args.lr)

@@ -100,7 +100,8 @@ def prox_step(pi_k, pi_ref, P, opponent, beta, eta):
 
 
 def pg_loss(policy_tok, ref_tok, anchor_tok, mask, reward, beta, eta, weights=None):
-    """Policy-gradient surrogate of one proximal step (its gradient is the estimator of the module docstring).
+    """Policy-gradient surrogate of one proximal step of Nash-MP (arXiv 2505.19731 v1). No equation number: the
+    estimator is our derivation [derived], see the module docstring and deviation 1; its gradient is that estimator.
 
     policy_tok, ref_tok, anchor_tok: (B, T) per-token log-probs of the sampled y under π_θ (grad), π_ref, π^k;
     mask (B, T) the scored positions; reward (B,) P(y ≻ y'); weights (B,) optional (exact expectations).
@@ -194,6 +195,8 @@ def main(args: Args):
     args.beta = world.beta if args.beta is None else args.beta
     args.eta = 2 * args.beta if args.eta is None else args.eta
     args.lr = args.lr if args.lr is not None else (0.3 if args.policy == "tabular" else 2e-4)
+    if args.lr <= 0 or args.temperature <= 0:
+        fail(f"--lr and --temperature must be > 0 (got {args.lr}, {args.temperature})")
     if args.beta <= 0 or args.eta <= 0:
         fail(f"need beta > 0 and eta > 0 (got beta={args.beta}, eta={args.eta})")
     policy, ref = world.policy, world.ref
