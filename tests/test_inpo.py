@@ -8,7 +8,7 @@ import torch
 
 import inpo
 from common.arena import dual_gap, equilibrium, load_games
-from conftest import check_lm_runs, cyclic_P, read_metrics, read_policy, run_script
+from conftest import check_lm_runs, check_real_world_run, cyclic_P, read_metrics, read_policy, run_script
 
 
 def run_inpo(tmp_path, name="run", **kw):
@@ -181,33 +181,9 @@ def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case):
     assert not run_dir.exists() and not os.path.exists(str(run_dir) + ".incomplete")
 
 
-def test_real_checkpoint_world_with_reward_model_judge(tmp_path):
+def test_real_checkpoint_world_with_reward_model_judge(tmp_path, real_world):
     """World 3 of DESIGN.md on CPU: a (tiny, random) HF-layout policy folder, a *ForSequenceClassification reward
     model as the judge and a prompts file; no games file, so evaluation is the judge's sampled win rate vs π_ref."""
-    import shutil
-
-    import transformers
-
-    from common.model import ModelConfig, Transformer
-    pol = tmp_path / "policy"
-    cfg = ModelConfig(model_type="qwen2", vocab_size=768, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, intermediate_size=48, max_position_embeddings=64,
-                      tie_word_embeddings=True, eos_token_id=0, pad_token_id=1)
-    torch.manual_seed(0)
-    Transformer(cfg).save_pretrained(pol)
-    shutil.copy(os.path.join("data", "arena", "tokenizer.json"), pol / "tokenizer.json")
-    rm = tmp_path / "rm"
-    transformers.Qwen2ForSequenceClassification(transformers.Qwen2Config(
-        vocab_size=768, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=48, num_labels=1, pad_token_id=1, eos_token_id=0)).save_pretrained(rm)
-    shutil.copy(os.path.join("data", "arena", "tokenizer.json"), rm / "tokenizer.json")
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Name a colour.", "Pick a fruit.")))
     run_dir = tmp_path / "run"
-    r = run_script("inpo.py", "--model", str(pol), "--judge", f"rm:{rm}", "--prompts", str(prompts),
-                   "--iterations", "1", "--pairs-per-prompt", "2", "--run-dir", str(run_dir))
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = read_metrics(run_dir)
-    assert [row["iteration"] for row in rows] == [0, 1] and rows[1]["train/pairs"] == 4
-    assert all(0 <= row["eval/win_vs_ref"] <= 1 for row in rows)
-    assert os.path.isfile(run_dir / "model.safetensors") and os.path.isfile(run_dir / "tokenizer.json")
+    r = run_script("inpo.py", *real_world, "--iterations", "1", "--pairs-per-prompt", "2", "--run-dir", str(run_dir))
+    check_real_world_run(run_dir, r, pairs=4)

@@ -11,7 +11,8 @@ import torch
 import nash_dpo
 from common.judges import Judge
 from common.policy import Samples
-from conftest import bt_P, check_lm_runs, random_P, read_metrics, read_policy, run_script, write_games
+from conftest import (bt_P, check_lm_runs, check_real_world_run, random_P, read_metrics, read_policy, run_script,
+                      write_games)
 
 
 def run_dno(tmp_path, name="run", **kw):
@@ -197,6 +198,16 @@ def test_tabular_end_to_end_determinism(tmp_path, random_games):
     assert read_policy(a) == read_policy(b) and read_policy(a) != read_policy(c)
     for f in ("args.json", "metrics.jsonl", "policy.json"):
         assert os.path.isfile(os.path.join(a, f))
+
+
+@pytest.mark.parametrize("mode", [[], ["--ref", "sft", "--pairs", "random"]], ids=["dno", "online-dpo"])
+def test_real_checkpoint_world_with_reward_model_judge(tmp_path, real_world, mode):
+    """World 3: an HF-layout policy, a reward-model judge (P = σ(r − r')), a prompts file; no games file."""
+    run_dir = tmp_path / "run"
+    r = run_script("nash_dpo.py", *real_world, *mode, "--iterations", "1", "--groups-per-prompt", "2",
+                   "--margin", "0.25", "--run-dir", str(run_dir))
+    rows = check_real_world_run(run_dir, r)
+    assert 0 < rows[1]["train/pairs"] <= 4              # 2 prompts × 2 groups, at most one pair each
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import torch
 
 import tanpo
 from common.arena import load_games
-from conftest import bt_P, check_lm_runs, cyclic_P, read_metrics, read_policy, run_script, write_games
+from conftest import (bt_P, check_lm_runs, check_real_world_run, cyclic_P, read_metrics, read_policy, run_script,
+                      write_games)
 
 METRICS = ("dual_gap", "exploit", "kl_ne", "win_vs_ref", "valid")
 
@@ -245,6 +246,17 @@ def test_arena_lm_sadpo_end_to_end(tmp_path):
     assert [row["iteration"] for row in rows] == [0, 1] and rows[1]["train/pairs"] == 72
     assert all(np.isfinite(row[f"eval/{m}"]) for row in rows for m in METRICS)
     assert np.isfinite(rows[1]["train/loss"]) and np.isfinite(rows[1]["train/diversity"])
+
+
+def test_real_checkpoint_world_with_reward_model_judge(tmp_path, real_world):
+    """World 3: an HF-layout policy, a reward-model judge, a prompts file; both players saved in HF layout."""
+    run_dir = tmp_path / "run"
+    r = run_script("tanpo.py", *real_world, "--iterations", "1", "--pairs-per-prompt", "2", "--bonus-samples", "1",
+                   "--run-dir", str(run_dir))
+    rows = check_real_world_run(run_dir, r, pairs=4)                     # 2 prompts × 2 pairs
+    assert 0 <= rows[1]["eval_max/win_vs_ref"] <= 1
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert os.path.isfile(run_dir / "max_player" / f), f
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
