@@ -192,11 +192,7 @@ def main(args: Args):
     policy, ref, judge, gen = world.policy, world.ref, world.judge, world.generator
     shuffle_gen = torch.Generator().manual_seed(args.seed)  # minibatch order (CPU, whatever the device)
     if args.pairs == "exact":  # the training games' matrices, (G, n, n) zero-padded (other games: weight 0)
-        exact_P = torch.zeros(policy.theta.shape + policy.theta.shape[-1:], dtype=torch.float64)
-        train_ids = {g.id for g in world.prompts}
-        for k, g in enumerate(world.games):
-            if g.id in train_ids:
-                exact_P[k, :g.n, :g.n] = torch.tensor(g.P)
+        exact_P = policy.matrices(world.prompts)
     run = RunDir(args, "inpo")
     ref_metrics = world.evaluate(policy)
     run.log({"iteration": 0, **ref_metrics})

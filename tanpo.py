@@ -250,12 +250,8 @@ def main(args: Args):
     head = pi if mu is None else mu             # the paper's headline policy: eval/…, saved at the run dir root
     shuffle_gen = torch.Generator().manual_seed(args.seed)  # minibatch draws (CPU, whatever the device)
     if args.pairs == "exact":  # the training games' matrices, (G, n, n) zero-padded (other games: weight 0)
-        exact_P = torch.zeros(pi.theta.shape + pi.theta.shape[-1:], dtype=torch.float64)
-        train_ids = {g.id for g in world.prompts}
-        train_rows = torch.tensor([g.id in train_ids for g in world.games])   # (G,) games of world.prompts
-        for k, g in enumerate(world.games):
-            if g.id in train_ids:
-                exact_P[k, :g.n, :g.n] = torch.tensor(g.P)
+        exact_P = pi.matrices(world.prompts)
+        train_rows = exact_P.flatten(1).any(1)                              # (G,) games of world.prompts
         W_sum = torch.zeros_like(exact_P)
     algo = "sadpo" if args.single_agent else "tanpo"
     run = RunDir(args, algo)

@@ -178,6 +178,15 @@ class TabularPolicy(nn.Module):
     def frozen_copy(self) -> "TabularPolicy":
         return copy.deepcopy(self).requires_grad_(False)
 
+    def matrices(self, games) -> torch.Tensor:
+        """(G, n_max, n_max) float64 on theta's device: the P of each game in `games` at its row of theta,
+        zero-padded; every other row is 0, so exact expectations over a subset (the training split) weight the
+        other games 0."""
+        P = torch.zeros(self.theta.shape + self.theta.shape[-1:], dtype=torch.float64)
+        for g in games:
+            P[self.index[g.id], :g.n, :g.n] = torch.tensor(g.P, dtype=torch.float64)
+        return P.to(self.theta.device)
+
     def save(self, path):
         """`path`/policy.json: {"<game id>": [probabilities over candidates]} (contract 3)."""
         dist = self.distribution(self.games)

@@ -161,3 +161,16 @@ def test_lm_reference_metrics(games, sft):
     assert abs(m["eval/valid"] - np.mean([1 - p[-1] for p in dist])) < 1e-12
     with pytest.raises(ValueError, match="LM"):
         evaluate(dist, games)  # the games' ref has no invalid entry
+
+
+def test_tabular_matrices_place_each_game_at_its_row(games):
+    pol = TabularPolicy(games)
+    train = list(games.select(split="train"))
+    P = pol.matrices(train)
+    assert P.shape == pol.theta.shape + pol.theta.shape[-1:] and P.dtype == torch.float64
+    for g in games:
+        k = pol.index[g.id]
+        want = np.zeros((P.shape[-1],) * 2)
+        if g.split == "train":
+            want[:g.n, :g.n] = g.P
+        assert np.array_equal(P[k].numpy(), want), g.id
