@@ -1,7 +1,7 @@
 """Direct Nash Optimization (DNO-Prct), with online DPO and iterative DPO as flags of the same loop.
 
 Paper: Rosset, Cheng, Mitra, Santacroce, Awadallah, Xie — "Direct Nash Optimization: Teaching Language Models to
-Self-Improve with General Preferences", arXiv 2404.03715 (full text read; equation numbers as there) [paper].
+Self-Improve with General Preferences", arXiv 2404.03715v1 (full text read; equation numbers as there) [paper].
 Iterative DPO: the RLHFlow recipe (best vs worst of K samples by a reward model, DPO against the previous iterate)
 [code]; online DPO: one random on-policy pair per prompt, labelled once, DPO against the fixed SFT model.
 
@@ -28,7 +28,7 @@ Paper → code
     Alg. 1/2 loop (π₁ = π_ref; sample from π_t, query, train π_{t+1} from π_t)   main(), the iteration loop
     r_t and the target of Eq. (9) (tabular)                                       soft_policy_iteration_step()
     Eq. (8) soft-label regression, Eq. (13) contrastive loss                      dpo_loss()
-    Alg. 2: K samples, win-rate ranking, large-margin pairs                      dno_pairs()
+    Alg. 2: K samples, win-rate ranking, large-margin pairs                      round_robin(), dno_pairs()
     RLHFlow best vs worst / online DPO random pair                                best_worst_pairs(), random_pairs()
     exact expectation of the chosen objective (tabular)                           exact_loss()  (--pairs exact)
 
@@ -106,7 +106,8 @@ class Args:
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, anchor_chosen_logps, anchor_rejected_logps, eta,
              labels=None, weights=None):
-    """Eq. (13) of arXiv 2404.03715 (and DPO): −log σ(margin), margin = η[(ℓ_θ − ℓ_a)(y⁺) − (ℓ_θ − ℓ_a)(y⁻)].
+    """Eq. (13) of arXiv 2404.03715v1 (= DPO, Eq. 7 of arXiv 2305.18290v3, with anchor ℓ_a for π_ref and η for β):
+    −log σ(margin), margin = η[(ℓ_θ − ℓ_a)(y⁺) − (ℓ_θ − ℓ_a)(y⁻)].
 
     *_logps : (B,) summed log-probs; ℓ_θ carries the gradient, the anchor ℓ_a (π_t or π_ref) is frozen.
     labels  : (B,) optional soft labels p ∈ [0, 1] — Eq. (8): −[p log σ(margin) + (1 − p) log σ(−margin)];
@@ -127,11 +128,6 @@ def soft_policy_iteration_step(pi_t, P, eta):
 
 # ALGO LOGIC: pairs ----------------------------------------------------------------------------------------
 
-def _groups(y, K):
-    """Rows g·K … g·K + K − 1 of y are one group: K i.i.d. samples for one prompt. Returns the first rows (G,)."""
-    return torch.arange(0, len(y), K)
-
-
 def _compare(y, i, j, judge, gen=None):
     """Oracle on rows i vs j (LongTensors): Bernoulli labels (gen given) or probabilities P(y_i ≻ y_j)."""
     prompts = [y.prompts[k] for k in i.tolist()]
@@ -139,37 +135,37 @@ def _compare(y, i, j, judge, gen=None):
     return judge.label(prompts, a, b, gen).cpu() if gen is not None else judge.prob(prompts, a, b).cpu()
 
 
-def dno_pairs(y, K, judge, gen, margin):
-    """Alg. 2 of the paper: every pair of a group's K samples is labelled once (K(K−1)/2 oracle calls), each sample's
-    win rate r̂(y) = (wins)/(K − 1) estimates r_t(y) = P(y ≻ π_t); (y⁺, y⁻) = (argmax r̂, argmin r̂), kept only when
-    r̂(y⁺) − r̂(y⁻) ≥ margin. Returns chosen rows, rejected rows (LongTensors) and the win rates (G, K)."""
-    base = _groups(y, K)
+def round_robin(y, K, judge, gen=None):
+    """Rows gK … gK + K − 1 of y are group g: K i.i.d. samples for one prompt. Every pair (i < j) of a group meets
+    once (K(K−1)/2 oracle calls, each for all groups at once). Returns the first rows (G,) and each sample's wins
+    (G, K): Bernoulli labels when `gen` is given, else the expected wins Σ_j P(y_i ≻ y_j)."""
+    base = torch.arange(0, len(y), K)
     wins = torch.zeros(len(base), K, dtype=torch.float64)
     for i in range(K):
         for j in range(i + 1, K):
             i_won = _compare(y, base + i, base + j, judge, gen).to(torch.float64)
             wins[:, i] += i_won
             wins[:, j] += 1 - i_won
+    return base, wins
+
+
+def dno_pairs(y, K, judge, gen, margin):
+    """Alg. 2 of the paper: every pair of a group's K samples is labelled once, each sample's win rate
+    r̂(y) = wins/(K − 1) estimates r_t(y) = P(y ≻ π_t); (y⁺, y⁻) = (argmax r̂, argmin r̂), kept only when
+    r̂(y⁺) − r̂(y⁻) ≥ margin. Returns chosen rows, rejected rows (LongTensors) and the win rates (G, K)."""
+    base, wins = round_robin(y, K, judge, gen)
     rate = wins / (K - 1)
-    best, worst = rate.argmax(1), rate.argmin(1)
     keep = (rate.max(1).values - rate.min(1).values) >= margin
-    return (base + best)[keep], (base + worst)[keep], rate
+    return (base + rate.argmax(1))[keep], (base + rate.argmin(1))[keep], rate
 
 
 def best_worst_pairs(y, K, judge):
     """RLHFlow's iterative DPO with a general oracle: score each sample by its expected win rate against the other
     K − 1 of its group (under Bradley–Terry the same order as the reward), chosen = best, rejected = worst; groups
     whose scores are all equal (e.g. K copies of one answer) give no pair. No label noise, no margin filter."""
-    base = _groups(y, K)
-    score = torch.zeros(len(base), K, dtype=torch.float64)
-    for i in range(K):
-        for j in range(i + 1, K):
-            p = _compare(y, base + i, base + j, judge)
-            score[:, i] += p
-            score[:, j] += 1 - p
-    best, worst = score.argmax(1), score.argmin(1)
+    base, score = round_robin(y, K, judge)
     keep = score.max(1).values > score.min(1).values
-    return (base + best)[keep], (base + worst)[keep]
+    return (base + score.argmax(1))[keep], (base + score.argmin(1))[keep]
 
 
 def random_pairs(y, judge, gen):

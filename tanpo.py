@@ -124,8 +124,8 @@ class Args:
 # ALGO LOGIC: the losses --------------------------------------------------------------------------------------
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, alpha, weights=None):
-    """L_max of TANPO (the DPO loss against π_ref with α for DPO's β): −log σ(margin), mean over pairs, with the
-    implicit-reward margin = α[(ℓ_θ − ℓ_ref)(a_w) − (ℓ_θ − ℓ_ref)(a_l)].
+    """L_max of TANPO [review] = the DPO loss (Eq. 7 of arXiv 2305.18290v3) against π_ref with α for DPO's β:
+    −log σ(margin), mean over pairs, with the implicit-reward margin = α[(ℓ_θ − ℓ_ref)(a_w) − (ℓ_θ − ℓ_ref)(a_l)].
 
     policy_*: (B,) ℓ_θ of the winner / loser (carry the gradient); ref_*: (B,) ℓ_ref (frozen).
     weights : (B,) optional pair weights (exact expectations); the loss is Σ w·(−log σ) / Σ w.
@@ -287,7 +287,8 @@ def main(args: Args):
                 # the pairs (a¹, a²): a group's extremes of ℓ_ref/length (SADPO), or row i of each player (TANPO)
                 a, b = extreme_pairs(y_norm, args.sadpo_k) if mu is None else torch.arange(len(y)).chunk(2)
                 diversity = (y_norm[a] - y_norm[b]).abs().mean()    # Fig. 1's metric on the new pairs
-                a_wins = judge.label(y.select(a).prompts, y.select(a).texts, y.select(b).texts, gen).cpu()
+                ya, yb = y.select(a), y.select(b)
+                a_wins = judge.label(ya.prompts, ya.texts, yb.texts, gen).cpu()
                 rows = torch.stack([torch.where(a_wins, a, b), torch.where(a_wins, b, a)], 1).flatten()
                 D = y.select(rows) if D is None else cat_samples([D, y.select(rows)])
                 D_ref = torch.cat([D_ref, y_ref[rows]])

@@ -173,12 +173,23 @@ def plot(results, path):
     return path
 
 
+TABLE_BEGIN, TABLE_END = "<!-- table:begin -->", "<!-- table:end -->"
+
+
+def readme_text(readme):
+    """The README's text; one-line error when it is missing or has no table region (checked before any run)."""
+    try:
+        with open(readme) as f:
+            s = f.read()
+    except OSError as e:
+        raise SystemExit(f"error: --readme {readme}: {e.strerror}") from None
+    if TABLE_BEGIN not in s or TABLE_END not in s:
+        raise SystemExit(f"error: --readme {readme}: no {TABLE_BEGIN} … {TABLE_END} region")
+    return s
+
+
 def splice(readme, text):
-    with open(readme) as f:
-        s = f.read()
-    a, b = "<!-- table:begin -->", "<!-- table:end -->"
-    if a not in s or b not in s:
-        raise SystemExit(f"error: {readme}: no {a} … {b} region")
+    s, a, b = readme_text(readme), TABLE_BEGIN, TABLE_END
     s = s[:s.index(a) + len(a)] + "\n" + text + "\n" + s[s.index(b):]
     tmp = readme + ".tmp"
     with open(tmp, "w") as f:
@@ -203,6 +214,8 @@ def main(argv=None):
     unknown = [n for n in names if n not in ALGORITHMS]
     if unknown:
         raise SystemExit(f"error: --only: unknown algorithm {unknown[0]!r} (known: {', '.join(ALGORITHMS)})")
+    if args.readme:
+        readme_text(args.readme)
     runs = os.path.abspath(args.runs or os.path.join(ROOT, "runs", f"table_{args.policy}"))
     out = args.out or os.path.join(ROOT, "bench", "results", f"arena_{args.policy}")
     extra = shlex.split(args.extra)

@@ -123,6 +123,7 @@ class World:
     beta: float             # the games file's β: the regularization the metrics measure (0.1 without games)
     device: str
     generator: object       # torch.Generator: every random draw of the run
+    ref_dist: list = None   # π_ref's exact distribution over the games (LM), computed on the first evaluate()
 
     def autocast(self):
         """bf16 autocast on CUDA (weights stay fp32: the optimizer state is exact); nothing on CPU."""
@@ -140,7 +141,11 @@ class World:
         from common.policy import TabularPolicy
         with torch.no_grad(), self.autocast():
             if self.games is not None:  # a table's π_ref is the games file's ref; an LM's is the SFT model
-                return evaluate(policy, self.games, None if isinstance(policy, TabularPolicy) else self.ref)
+                if isinstance(policy, TabularPolicy):
+                    return evaluate(policy, self.games)
+                if self.ref_dist is None:  # π_ref is frozen: one exact pass per run, not one per evaluation
+                    self.ref_dist = self.ref.distribution(self.games)
+                return evaluate(policy, self.games, self.ref_dist)
             g = torch.Generator(device=self.generator.device).manual_seed(12345)
             a = policy.sample(self.eval_prompts, n_samples, generator=g)
             b = self.ref.sample(self.eval_prompts, n_samples, generator=g)

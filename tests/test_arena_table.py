@@ -4,6 +4,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT, read_metrics, run_script
 
@@ -37,8 +38,12 @@ def test_table_cells_are_mean_and_std_of_the_runs(tmp_path):
     assert r.returncode == 0 and "inpo__1: reused" in r.stderr
 
 
-def test_unknown_algorithm_is_one_line_error(tmp_path):
-    r = run_script("bench/arena_table.py", "--only", "PPO", "--runs", str(tmp_path / "runs"))
+@pytest.mark.parametrize("case", ["algorithm", "readme"])
+def test_bad_input_is_one_line_error_before_any_run(tmp_path, case):
+    (tmp_path / "README.md").write_text("no table region here\n")
+    argv = {"algorithm": ["--only", "PPO"], "readme": ["--readme", str(tmp_path / "README.md")]}[case]
+    r = run_script("bench/arena_table.py", *argv, "--runs", str(tmp_path / "runs"))
     lines = r.stderr.strip().splitlines()
-    assert r.returncode != 0 and len(lines) == 1 and "PPO" in lines[0]
+    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert {"algorithm": "PPO", "readme": "table:begin"}[case] in lines[0]
     assert not (tmp_path / "runs").exists()
