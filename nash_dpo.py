@@ -76,8 +76,8 @@ class Args:
     """output folder (default runs/nash_dpo__<seed>__<time>)"""
     device: str | None = None
     """cpu or cuda (default cuda when available; bf16 autocast there)"""
-    threads: int = 1
-    """CPU threads of torch (1 is fastest for the arena's 1M-parameter model and for tables)"""
+    threads: int = 2
+    """CPU threads of torch (the defaults are sized for 2 cores; bench/arena_table.py runs 2 jobs of 1 thread)"""
     iterations: int = 6
     """T: number of iterations (π_{t+1} is trained from π_t)"""
     ref: str = "prev"

@@ -91,8 +91,8 @@ class Args:
     """output folder (default runs/tanpo__<seed>__<time>, runs/sadpo__… with --single-agent)"""
     device: str | None = None
     """cpu or cuda (default cuda when available; bf16 autocast there)"""
-    threads: int = 1
-    """CPU threads of torch (1 is fastest for the arena's 1M-parameter model and for tables)"""
+    threads: int = 2
+    """CPU threads of torch (the defaults are sized for 2 cores; bench/arena_table.py runs 2 jobs of 1 thread)"""
     iterations: int = 6
     """T: self-play iterations (sample, label, update the max-player, then the min-player)"""
     single_agent: bool = False

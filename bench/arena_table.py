@@ -29,6 +29,8 @@ METRICS = ("dual_gap", "kl_ne", "exploit", "win_vs_ref", "valid")
 # name -> (script, flags, metrics prefix of the reported policy). TANPO's one run reports both players.
 ALGORITHMS = {
     "INPO": ("inpo.py", [], "eval"),
+    "INPO (η = 3τ, paper)": ("inpo.py", ["--eta", "0.3"], "eval"),
+    "INPO (disjoint pairs)": ("inpo.py", ["--pairs", "iid"], "eval"),
     "Nash-MP": ("nash_mp.py", [], "eval"),
     "DNO-Prct": ("nash_dpo.py", [], "eval"),
     "online DPO": ("nash_dpo.py", ["--ref", "sft", "--pairs", "random"], "eval"),

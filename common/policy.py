@@ -78,6 +78,32 @@ class Samples:
         return Samples(**out)
 
 
+def unique_responses(samples: Samples, group_size: int):
+    """Identical responses of a prompt, scored once: `samples` holds group_size consecutive rows per prompt (as
+    sample(prompts, n=group_size) returns them). Two rows are identical when they belong to the same prompt and have
+    the same response tokens (LM; EOS included) or the same action (tabular).
+
+    Returns rows (U,) long, the first row of each distinct response in order of appearance, and counts (U,) long,
+    how many of its prompt's group_size rows it stands for (counts of a prompt sum to group_size). Any sum over the
+    rows of a function of (prompt, response) equals the sum over `rows` weighted by `counts`."""
+    if group_size < 1 or len(samples) % group_size:
+        raise ValueError(f"unique_responses: {len(samples)} rows are not groups of {group_size}")
+    if samples.response_mask is not None:
+        ids, mask = samples.input_ids.cpu().tolist(), samples.response_mask.bool().cpu().tolist()
+        keys = [tuple(t for t, m in zip(i, r) if m) for i, r in zip(ids, mask)]
+    else:
+        keys = samples.actions.tolist()
+    first, rows, counts = {}, [], []
+    for r, key in enumerate(keys):
+        k = (r // group_size, key)
+        if k not in first:
+            first[k] = len(rows)
+            rows.append(r)
+            counts.append(0)
+        counts[first[k]] += 1
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(counts, dtype=torch.long)
+
+
 def _atomic_dir(path, write):
     """Call write(tmp_dir), then move its files into `path`: the folder is renamed into place when `path`
     does not exist, else each file is renamed over (other files, e.g. a run's metrics.jsonl, are kept).
@@ -249,6 +275,7 @@ def pack(prompt_ids, response_ids, pad_id):
 class LMPolicy(nn.Module):
     """A causal LM (common/model.py Transformer) + its tokenizer. ℓ(y|x) = Σ log π(token) over the answer
     tokens and EOS of encode(prompt) + encode(answer) + [EOS] (contract 2)."""
+    BUCKET_ROWS = 128  # rows per length bucket of logprobs() (see _scored)
 
     def __init__(self, model, tokenizer, eos_id, pad_id=None, max_new_tokens=32):
         super().__init__()
@@ -327,19 +354,45 @@ class LMPolicy(nn.Module):
         response_ids = [encode_response(self.tokenizer, r) + [self.eos_id] for r in responses]
         return self._samples(list(prompts), prompt_ids, response_ids, list(responses))
 
-    def logprobs(self, samples: Samples) -> torch.Tensor:
-        """(B,) ℓ(y|x): summed log-probs of the response tokens (EOS included), common/losses.py."""
+    def _scored(self, samples: Samples):
+        """(token log-probs (B, T), sums (B,)) of samples' response tokens, by common/losses.py, in length buckets.
+
+        The rows are sorted by (prompt length, response length) and cut into chunks of BUCKET_ROWS; each chunk keeps
+        only the columns some row of it attends to. A random batch of arena samples is ~40% padding (a 13-token
+        response makes every row 13 long); the buckets skip most of it: 1.4x faster forward + backward on 2 CPU
+        cores (576 samples). Results equal one padded pass up to float rounding (~4e-6 on sums), since padding is
+        masked either way; they are bitwise reproducible."""
         from common.losses import sequence_logprobs
         dev = self.device
-        return sequence_logprobs(self.model, samples.input_ids.to(dev), samples.attention_mask.to(dev),
-                                 samples.response_mask.to(dev))[1]
+        ids, attn, resp = (x.to(dev) for x in (samples.input_ids, samples.attention_mask, samples.response_mask))
+        B, T = ids.shape
+        if B <= self.BUCKET_ROWS:
+            return sequence_logprobs(self.model, ids, attn, resp)
+        on = attn.bool()
+        pos = torch.arange(T, device=dev)
+        first = torch.where(on, pos, T).min(1).values.cpu()                      # first attended column per row
+        last = torch.where(on, pos, -1).max(1).values.cpu()                      # last attended column per row
+        order = torch.argsort(((attn - resp).sum(1) * (T + 1) + resp.sum(1)).cpu(), stable=True)
+        tok, tot = [], []
+        for s in range(0, B, self.BUCKET_ROWS):
+            r = order[s:s + self.BUCKET_ROWS]
+            c0, c1 = int(first[r].min()), int(last[r].max()) + 1
+            rd = r.to(dev)
+            t_lp, s_lp = sequence_logprobs(self.model, ids[rd, c0:c1], attn[rd, c0:c1], resp[rd, c0:c1])
+            tok.append(torch.nn.functional.pad(t_lp, (c0, T - c1)))
+            tot.append(s_lp)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(B)
+        inverse = inverse.to(dev)
+        return torch.cat(tok)[inverse], torch.cat(tot)[inverse]
+
+    def logprobs(self, samples: Samples) -> torch.Tensor:
+        """(B,) ℓ(y|x): summed log-probs of the response tokens (EOS included), common/losses.py."""
+        return self._scored(samples)[1]
 
     def token_logprobs(self, samples: Samples) -> torch.Tensor:
         """(B, T) per-token log-probs of the response tokens (EOS included), 0 elsewhere (Samples.token_mask)."""
-        from common.losses import sequence_logprobs
-        dev = self.device
-        return sequence_logprobs(self.model, samples.input_ids.to(dev), samples.attention_mask.to(dev),
-                                 samples.response_mask.to(dev))[0]
+        return self._scored(samples)[0]
 
     @torch.no_grad()
     def distribution(self, games: Games, batch_size=256) -> list:

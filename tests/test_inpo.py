@@ -101,14 +101,99 @@ def test_paper_ratio_oscillates_on_cyclic_game_but_schedule_converges():
 
 # ---- sampled pairs and labels ------------------------------------------------------------------------------
 
-def test_sampled_pairs_cut_duality_gap_tenfold(tmp_path, random_games):
+@pytest.mark.parametrize("pairs", ["iid", "all"])
+def test_sampled_pairs_cut_duality_gap_tenfold(tmp_path, random_games, pairs):
     games = load_games(random_games)
-    run = run_inpo(tmp_path, policy="tabular", pairs="iid", iterations=40, pairs_per_prompt=256, epochs=4,
-                   games=random_games, seed=3)
+    kw = dict(pairs_per_prompt=256, epochs=4) if pairs == "iid" else dict(samples_per_prompt=64, epochs=20)
+    run = run_inpo(tmp_path, policy="tabular", pairs=pairs, iterations=40, games=random_games, seed=3, **kw)
     rows = read_metrics(run)
     assert rows[-1]["eval/dual_gap"] <= rows[0]["eval/dual_gap"] / 10
     final = read_policy(run)
     assert all(dual_gap(g.P, g.ref, np.array(final[g.id]), games.beta) < rows[0]["eval/dual_gap"] / 5 for g in games)
+
+
+def _tabular_samples_with_duplicates(games, K, seed=0):
+    from common.policy import TabularPolicy
+    pol = TabularPolicy(games)
+    return pol, pol.sample(list(games), K, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("expected", [True, False])
+def test_all_pairs_weights_equal_naive_enumeration_of_sample_pairs(random_games, expected):
+    """--pairs all: the distinct-pair weights equal a count over every pair i < j of a prompt's K samples (both orders,
+    P and 1 − P when expected; integer Binomial splits of c_u c_v when sampled)."""
+    games = load_games(random_games)
+    K = 16
+    _, y = _tabular_samples_with_duplicates(games, K)
+    judge = _ActionJudge(games)
+    u, group, win, lose, weights = inpo.all_pairs(y, K, judge, torch.Generator().manual_seed(1), expected)
+    got = {}
+    for w, l, x in zip(win.tolist(), lose.tolist(), weights.tolist()):
+        key = (int(group[w]), int(u.actions[w]), int(u.actions[l]))
+        assert key not in got                     # one entry per ordered distinct pair
+        got[key] = x
+    naive_pairs = {}                              # (prompt, a, b) with a < b: number of sample pairs, P(a ≻ b)
+    for k, g in enumerate(games):
+        acts = y.actions[k * K:(k + 1) * K].tolist()
+        for i in range(K):
+            for j in range(i + 1, K):
+                a, b = acts[i], acts[j]
+                if a != b:
+                    key = (k, min(a, b), max(a, b))
+                    naive_pairs[key] = naive_pairs.get(key, 0) + 1
+    assert len(naive_pairs) > 20
+    for (k, a, b), n in naive_pairs.items():
+        ab, ba = got.get((k, a, b), 0.0), got.get((k, b, a), 0.0)
+        if expected:
+            P = games[k].P[a, b]
+            assert abs(ab - n * P) < 1e-12 and abs(ba - n * (1 - P)) < 1e-12
+        else:
+            assert ab == int(ab) and ba == int(ba) and ab + ba == n
+    assert all((k, min(a, b), max(a, b)) in naive_pairs for (k, a, b) in got)  # and nothing else
+
+
+class _ActionJudge:
+    """The tabular judge on texts of tabular Samples (candidates 'a<i>' of conftest games)."""
+    def __init__(self, games):
+        self.games = {g.prompt: g for g in games}
+
+    def prob(self, prompts, a, b):
+        return torch.tensor([self.games[x].P[int(p[1:]), int(q[1:])] for x, p, q in zip(prompts, a, b)],
+                            dtype=torch.float64)
+
+
+def test_all_pairs_loss_equals_loss_over_every_sample_pair(random_games):
+    """The deduplicated, weighted Eq. (8) of --pairs all equals (value and gradient) Eq. (8) averaged over all
+    ordered sample pairs i ≠ j of each prompt weighted by λ_P's expectation, identical pairs left out."""
+    games = load_games(random_games)
+    K, eta, tau = 12, 0.3, 0.1
+    pol, y = _tabular_samples_with_duplicates(games, K, seed=4)
+    judge = _ActionJudge(games)
+    u, _, win, lose, weights = inpo.all_pairs(y, K, judge, None, expected=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        pol.theta.add_(torch.randn(pol.theta.shape, generator=g, dtype=torch.float64))  # π ≠ π_t = π_ref
+    from common.policy import unique_responses
+    ref_y = torch.log(torch.tensor([games[r // K].ref[a] for r, a in enumerate(y.actions.tolist())]))  # π_t = π_ref
+    ref_u = ref_y[unique_responses(y, K)[0]]
+    lp = pol.logprobs(u)
+    loss, _ = inpo.inpo_loss(lp[win], lp[lose], ref_u[win], ref_u[lose], ref_u[win], ref_u[lose], eta, tau,
+                             weights)
+    grad = torch.autograd.grad(loss, pol.theta)[0]
+    lp_all = pol.logprobs(y)
+    W, L, WT = [], [], []
+    for k in range(len(games)):
+        for i in range(k * K, (k + 1) * K):
+            for j in range(k * K, (k + 1) * K):
+                if i != j and int(y.actions[i]) != int(y.actions[j]):
+                    W.append(i)
+                    L.append(j)
+                    WT.append(games[k].P[int(y.actions[i]), int(y.actions[j])])  # (i, j) and (j, i): both orders
+    W, L, WT = torch.tensor(W), torch.tensor(L), torch.tensor(WT, dtype=torch.float64)
+    naive, _ = inpo.inpo_loss(lp_all[W], lp_all[L], ref_y[W], ref_y[L], ref_y[W], ref_y[L], eta, tau, WT)
+    naive_grad = torch.autograd.grad(naive, pol.theta)[0]
+    assert abs(loss.item() - naive.item()) < 1e-12 and naive.item() > 0
+    assert torch.allclose(grad, naive_grad, atol=1e-12) and grad.abs().max() > 1e-3
 
 
 class CountingJudge:
@@ -138,7 +223,14 @@ def test_tournament_finds_best_and_worst_with_eleven_comparisons():
 # ---- the script end to end ---------------------------------------------------------------------------------
 
 def test_arena_lm_end_to_end_and_bitwise_determinism(tmp_path):
-    rows, _ = check_lm_runs(tmp_path, "inpo.py", "--iterations", "1", "--pairs-per-prompt", "1", "--epochs", "1")
+    rows, _ = check_lm_runs(tmp_path, "inpo.py", "--iterations", "1", "--samples-per-prompt", "2", "--epochs", "1")
+    # K = 2: a prompt whose two samples differ gives one distinct pair (one ordered entry: a Binomial(1, P) label)
+    assert 0 < rows[1]["train/pairs"] == rows[1]["train/unique"] - 72
+
+
+def test_arena_lm_disjoint_iid_pairs(tmp_path):
+    rows, _ = check_lm_runs(tmp_path, "inpo.py", "--iterations", "1", "--pairs", "iid", "--pairs-per-prompt", "1",
+                            "--epochs", "1")
     assert rows[1]["train/pairs"] == 72
 
 
@@ -158,7 +250,7 @@ def bad_games(tmp_path):
     return str(f)
 
 
-@pytest.mark.parametrize("case", ["games", "prompts", "arena-prompt", "judge", "model", "pairs", "flag"])
+@pytest.mark.parametrize("case", ["games", "prompts", "arena-prompt", "judge", "model", "pairs", "flag", "samples"])
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case):
     run_dir = tmp_path / "run"
     argv = {"games": ["--policy", "tabular", "--games", bad_games(tmp_path)],
@@ -167,7 +259,8 @@ def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case):
             "judge": ["--judge", "oracle"],
             "model": ["--model", str(tmp_path)],
             "pairs": ["--pairs", "exact"],
-            "flag": ["--eta", "fast"]}[case]
+            "flag": ["--eta", "fast"],
+            "samples": ["--samples-per-prompt", "1"]}[case]
     (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\nnot json\n')
     (tmp_path / "q.jsonl").write_text('{"prompt": "not an arena prompt"}\n')
     r = run_script("inpo.py", *argv, "--run-dir", str(run_dir), "--iterations", "1")
@@ -176,7 +269,7 @@ def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     expected = {"games": "bad.json", "prompts": "p.jsonl:2", "arena-prompt": "use --judge rm:DIR",
                 "judge": "--judge", "model": "config.json",
-                "pairs": "--pairs exact", "flag": "--eta"}[case]
+                "pairs": "--pairs exact", "flag": "--eta", "samples": "--samples-per-prompt"}[case]
     assert expected in lines[0]
     assert not run_dir.exists() and not os.path.exists(str(run_dir) + ".incomplete")
 
@@ -185,5 +278,6 @@ def test_real_checkpoint_world_with_reward_model_judge(tmp_path, real_world):
     """World 3 of DESIGN.md on CPU: a (tiny, random) HF-layout policy folder, a *ForSequenceClassification reward
     model as the judge and a prompts file; no games file, so evaluation is the judge's sampled win rate vs π_ref."""
     run_dir = tmp_path / "run"
-    r = run_script("inpo.py", *real_world, "--iterations", "1", "--pairs-per-prompt", "2", "--run-dir", str(run_dir))
-    check_real_world_run(run_dir, r, pairs=4)
+    r = run_script("inpo.py", *real_world, "--iterations", "1", "--samples-per-prompt", "3", "--run-dir", str(run_dir))
+    rows = check_real_world_run(run_dir, r)
+    assert 2 <= rows[1]["train/unique"] <= 6 and rows[1]["train/pairs"] <= 6  # 2 prompts, 3 pairs of 3 samples each

@@ -45,6 +45,75 @@ def test_pg_loss_special_case_policy_equals_ref_and_anchor():
     assert torch.allclose(lp.grad[:, 0], -(reward - 0.5) / 2) and float(kl_ref) == 0 and float(kl_anchor) == 0
 
 
+def test_pg_loss_baseline_argument():
+    """baseline=None is the fixed ½; a per-row baseline b shifts each row's advantage by ½ − b."""
+    g = torch.Generator().manual_seed(1)
+    lp = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    other = [torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    mask, reward = torch.ones(4, 3), torch.rand(4, generator=g, dtype=torch.float64)
+    half = nash_mp.pg_loss(lp, *other, mask, reward, 0.1, 0.2)[0]
+    same = nash_mp.pg_loss(lp, *other, mask, reward, 0.1, 0.2, baseline=torch.full((4,), 0.5, dtype=torch.float64))[0]
+    assert torch.equal(half, same)
+    b = torch.rand(4, generator=g, dtype=torch.float64)
+    shifted = nash_mp.pg_loss(lp, *other, mask, reward + 0.5 - b, 0.1, 0.2)[0]
+    assert torch.allclose(nash_mp.pg_loss(lp, *other, mask, reward, 0.1, 0.2, baseline=b)[0], shifted, atol=1e-14)
+
+
+# ---- the sampled estimator: distinct responses, opponent samples, leave-one-out baseline ---------------------
+
+class _ActionJudge:
+    def __init__(self, games):
+        self.games = {g.prompt: g for g in games}
+
+    def prob(self, prompts, a, b):
+        return torch.tensor([self.games[x].P[int(p[1:]), int(q[1:])] for x, p, q in zip(prompts, a, b)],
+                            dtype=torch.float64)
+
+
+def test_deduplicated_pg_step_equals_per_sample_estimator(random_games):
+    """What pg_step computes from distinct responses (counts as weights, opponent_reward, leave_one_out) has the
+    same value and gradient as the estimator written per sample: every one of the K samples of a prompt against
+    every opponent sample, its baseline the mean return of the prompt's other K − 1 samples."""
+    from common.policy import unique_responses
+    games = load_games(random_games)
+    K, K_opp, beta, eta = 10, 7, 0.1, 0.2
+    policy = TabularPolicy(games)
+    with torch.no_grad():
+        policy.theta.add_(torch.randn(policy.theta.shape, generator=torch.Generator().manual_seed(0),
+                                      dtype=torch.float64))
+    ref, anchor = TabularPolicy(games).requires_grad_(False), policy.frozen_copy()
+    with torch.no_grad():
+        anchor.theta.mul_(0.5)
+    gen = torch.Generator().manual_seed(1)
+    y = policy.sample(list(games), K, generator=gen)
+    y_opp = anchor.sample(list(games), K_opp, generator=gen)
+    judge = _ActionJudge(games)
+    # pg_step's way
+    rows, counts = unique_responses(y, K)
+    assert len(rows) < len(y)
+    u, group = y.select(rows), rows // K
+    reward = nash_mp.opponent_reward(u, group, y_opp, K_opp, judge)
+    args = (policy.token_logprobs(u), ref.token_logprobs(u), anchor.token_logprobs(u), u.token_mask)
+    R = nash_mp.sequence_return(*args, reward, beta, eta)
+    base = nash_mp.leave_one_out(R, counts, group, K)
+    loss = nash_mp.pg_loss(*args, reward, beta, eta, counts.double(), base)[0]
+    grad = torch.autograd.grad(loss, policy.theta)[0]
+    # per sample
+    n = len(games)
+    r_naive = torch.tensor([np.mean([judge.prob([y.prompts[i]], [y.texts[i]], [y_opp.texts[j]]).item()
+                                     for j in range((i // K) * K_opp, (i // K + 1) * K_opp)]) for i in range(n * K)],
+                           dtype=torch.float64)
+    args_all = (policy.token_logprobs(y), ref.token_logprobs(y), anchor.token_logprobs(y), y.token_mask)
+    R_all = nash_mp.sequence_return(*args_all, r_naive, beta, eta)
+    b_naive = torch.tensor([(R_all[(i // K) * K:(i // K + 1) * K].sum() - R_all[i]) / (K - 1) for i in range(n * K)])
+    assert torch.allclose(reward, r_naive[rows], atol=1e-12)
+    assert torch.allclose(base, b_naive[rows], atol=1e-12)
+    naive = nash_mp.pg_loss(*args_all, r_naive, beta, eta, baseline=b_naive)[0]
+    naive_grad = torch.autograd.grad(naive, policy.theta)[0]
+    assert abs(loss.item() - naive.item()) < 1e-12
+    assert torch.allclose(grad, naive_grad, atol=1e-12) and grad.abs().max() > 1e-3
+
+
 # ---- the closed form ------------------------------------------------------------------------------------------
 
 def closed_iteration(pi, ref, P, beta, eta):
@@ -145,7 +214,7 @@ def test_sampled_pg_tracks_closed_form(tmp_path, random_games):
     games = load_games(random_games)
     closed = read_policy(run_mp(tmp_path, "closed", policy="tabular", step="closed", iterations=1, games=random_games))
     pg = read_policy(run_mp(tmp_path, "pg", policy="tabular", step="pg", iterations=1, samples_per_prompt=2048,
-                            inner_steps=200, lr=0.01, games=random_games))
+                            opponent_samples=2048, inner_steps=200, lr=0.01, games=random_games))
     for g in games:
         tv = 0.5 * np.abs(np.array(pg[g.id]) - np.array(closed[g.id])).sum()
         moved = 0.5 * np.abs(np.array(closed[g.id]) - g.ref).sum()
@@ -163,7 +232,7 @@ def test_sampled_pg_cuts_duality_gap_tenfold(tmp_path, random_games):
 
 def test_arena_lm_end_to_end_and_bitwise_determinism(tmp_path):
     rows, _ = check_lm_runs(tmp_path, "nash_mp.py", "--iterations", "1", "--inner-steps", "1",
-                            "--samples-per-prompt", "1")
+                            "--samples-per-prompt", "2", "--opponent-samples", "2")
     assert "train/full/loss" in rows[1] and "train/half/kl_anchor" in rows[1]
 
 
@@ -177,6 +246,7 @@ def test_tabular_determinism(tmp_path, random_games):
     (["--step", "closed"], "--step closed needs --policy tabular"),
     (["--judge", "rm:/nonexistent"], "/nonexistent"),
     (["--inner-steps", "0"], "--inner-steps"),
+    (["--samples-per-prompt", "1"], "--samples-per-prompt must be ≥ 2"),
 ])
 def test_bad_input(tmp_path, argv, expected):
     run_dir = tmp_path / "run"

@@ -174,3 +174,52 @@ def test_tabular_matrices_place_each_game_at_its_row(games):
         if g.split == "train":
             want[:g.n, :g.n] = g.P
         assert np.array_equal(P[k].numpy(), want), g.id
+
+
+# ---- distinct responses and length buckets -------------------------------------------------------------------
+
+def test_unique_responses_groups_identical_rows_of_a_prompt(games, sft):
+    from common.policy import unique_responses
+    gen = torch.Generator().manual_seed(3)
+    for pol in (TabularPolicy(games), sft):
+        K = 12
+        y = pol.sample([games[0], games[1], games[2]], K, generator=gen)
+        rows, counts = unique_responses(y, K)
+        if y.response_mask is not None:
+            keys = [(r // K, tuple(y.input_ids[r][y.response_mask[r].bool()].tolist())) for r in range(len(y))]
+        else:
+            keys = [(r // K, int(y.actions[r])) for r in range(len(y))]
+        naive = {}
+        for r, k in enumerate(keys):
+            naive.setdefault(k, []).append(r)
+        assert rows.tolist() == [v[0] for v in naive.values()]            # first row of each, in order
+        assert counts.tolist() == [len(v) for v in naive.values()]
+        assert len(rows) < len(y)                                          # duplicates exist: not vacuous
+        group = rows // K
+        assert torch.equal(torch.zeros(3, dtype=torch.long).index_add_(0, group, counts), torch.full((3,), K))
+        f = torch.randn(len(y), generator=gen)                             # a function of (prompt, response):
+        f = torch.tensor([f[naive[k][0]] for k in keys])                   # equal on identical rows
+        assert torch.allclose((counts * f[rows]).sum(), f.sum())
+    with pytest.raises(ValueError, match="groups of 5"):
+        unique_responses(y, 5)
+
+
+def test_lm_length_buckets_equal_one_padded_pass(games, sft):
+    """logprobs/token_logprobs sort rows into length buckets of BUCKET_ROWS and trim padding; values and
+    parameter gradients equal one padded sequence_logprobs pass (fp32 rounding only)."""
+    from common.losses import sequence_logprobs
+    y = sft.sample(list(games)[:40], 8, generator=torch.Generator().manual_seed(0))  # 320 rows > BUCKET_ROWS
+    assert len(y) > 2 * sft.BUCKET_ROWS
+    lengths = y.attention_mask.sum(1)
+    assert lengths.max() - lengths.min() >= 8                                        # ragged: buckets differ
+    params = list(sft.model.parameters())
+    tok, tot = sequence_logprobs(sft.model, y.input_ids, y.attention_mask, y.response_mask)
+    g_naive = torch.autograd.grad(tot.sum(), params)
+    b_tot = sft.logprobs(y)
+    g_bucket = torch.autograd.grad(b_tot.sum(), params)
+    assert (b_tot - tot).abs().max() <= 1e-4 and torch.allclose(b_tot, tot, rtol=1e-5, atol=1e-5)
+    b_tok = sft.token_logprobs(y)
+    assert b_tok.shape == tok.shape and torch.equal(b_tok == 0, tok == 0)
+    assert torch.allclose(b_tok, tok, atol=1e-5)
+    for a, b in zip(g_naive, g_bucket):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
