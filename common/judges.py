@@ -135,10 +135,14 @@ class RewardModelJudge(Judge):
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
     def prob(self, prompts, a, b) -> torch.Tensor:
+        """One reward-model pass over the distinct (prompt, response) pairs of both sides: all pairs among K
+        responses (inpo.py --pairs all) cost K scores, not K(K − 1)."""
         _check_batch(prompts, a, b)
-        r = self.score(list(prompts) * 2, list(a) + list(b))  # one pass over both sides
-        margin = r[:len(a)] - r[len(a):]
-        return torch.sigmoid(margin)
+        keys = list(zip(prompts, a)) + list(zip(prompts, b))
+        distinct = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        r = self.score([x for x, _ in distinct], [y for _, y in distinct])
+        r = r[torch.tensor([distinct[k] for k in keys], dtype=torch.long)]
+        return torch.sigmoid(r[:len(a)] - r[len(a):])
 
 
 def make_judge(spec: str, games: Games = None, device="cpu") -> Judge:

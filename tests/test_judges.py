@@ -124,5 +124,16 @@ def test_reward_model_judge_equals_transformers(tmp_path):
     p = judge.prob(prompts, a, b)
     torch.testing.assert_close(p, torch.sigmoid(ref[:12] - ref[12:24]), atol=1e-5, rtol=0)
     assert p.std() > 0.01
+    # all pairs among repeated responses: each distinct (prompt, response) is scored once, same probabilities
+    scored = []
+    score = judge.score
+    judge.score = lambda xs, ys: scored.append(len(xs)) or score(xs, ys)
+    I, J = torch.triu_indices(4, 4, offset=1)
+    texts = [a[0], b[0], a[0] + " indeed", b[0]]                      # 3 distinct answers of one prompt
+    p_all = judge.prob([prompts[0]] * len(I), [texts[i] for i in I], [texts[j] for j in J])
+    assert scored == [3]
+    r = score([prompts[0]] * 4, texts)
+    torch.testing.assert_close(p_all, torch.sigmoid(r[I] - r[J]), atol=1e-6, rtol=0)
+    judge.score = score
     with pytest.raises(ValueError, match="not a reward model"):
         RewardModelJudge(ARENA_DIR)
