@@ -1,5 +1,4 @@
 """bench/arena_table.py: the table's cells are the mean ± std of the runs' final metrics, and the README splice."""
-import json
 import os
 import sys
 
@@ -28,7 +27,7 @@ def test_table_cells_are_mean_and_std_of_the_runs(tmp_path):
             xs = np.array([f[k.format(m)] for f in finals])
             assert cell == f"{xs.mean():.4f} ± {xs.std(ddof=1):.4f}", (m, cell)
     sft = read_metrics(runs / "inpo__1")[0]["eval/dual_gap/train"]
-    assert f"| SFT (π_ref) | " in md and f"{sft:.4f}" in md
+    assert "| SFT (π_ref) | " in md and f"{sft:.4f}" in md
     text = readme.read_text()
     assert text.startswith("intro\n<!-- table:begin -->\n") and text.endswith("<!-- table:end -->\noutro\n")
     assert "old" not in text and "| online DPO |" in text

@@ -8,6 +8,7 @@ import torch
 
 import inpo
 from common.arena import dual_gap, equilibrium, load_games
+from common.judges import ArenaJudge
 from conftest import check_lm_runs, check_real_world_run, cyclic_P, read_metrics, read_policy, run_script
 
 
@@ -125,7 +126,7 @@ def test_all_pairs_weights_equal_naive_enumeration_of_sample_pairs(random_games,
     games = load_games(random_games)
     K = 16
     _, y = _tabular_samples_with_duplicates(games, K)
-    judge = _ActionJudge(games)
+    judge = ArenaJudge(games)
     u, group, win, lose, weights = inpo.all_pairs(y, K, judge, torch.Generator().manual_seed(1), expected)
     got = {}
     for w, l, x in zip(win.tolist(), lose.tolist(), weights.tolist()):
@@ -152,23 +153,13 @@ def test_all_pairs_weights_equal_naive_enumeration_of_sample_pairs(random_games,
     assert all((k, min(a, b), max(a, b)) in naive_pairs for (k, a, b) in got)  # and nothing else
 
 
-class _ActionJudge:
-    """The tabular judge on texts of tabular Samples (candidates 'a<i>' of conftest games)."""
-    def __init__(self, games):
-        self.games = {g.prompt: g for g in games}
-
-    def prob(self, prompts, a, b):
-        return torch.tensor([self.games[x].P[int(p[1:]), int(q[1:])] for x, p, q in zip(prompts, a, b)],
-                            dtype=torch.float64)
-
-
 def test_all_pairs_loss_equals_loss_over_every_sample_pair(random_games):
     """The deduplicated, weighted Eq. (8) of --pairs all equals (value and gradient) Eq. (8) averaged over all
     ordered sample pairs i ≠ j of each prompt weighted by λ_P's expectation, identical pairs left out."""
     games = load_games(random_games)
     K, eta, tau = 12, 0.3, 0.1
     pol, y = _tabular_samples_with_duplicates(games, K, seed=4)
-    judge = _ActionJudge(games)
+    judge = ArenaJudge(games)
     u, _, win, lose, weights = inpo.all_pairs(y, K, judge, None, expected=True)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

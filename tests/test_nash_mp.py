@@ -7,6 +7,7 @@ import torch
 
 import nash_mp
 from common.arena import dual_gap, equilibrium, kl, load_games
+from common.judges import ArenaJudge
 from common.policy import TabularPolicy
 from conftest import check_lm_runs, cyclic_P, random_P, read_metrics, read_policy, run_script
 
@@ -61,15 +62,6 @@ def test_pg_loss_baseline_argument():
 
 # ---- the sampled estimator: distinct responses, opponent samples, leave-one-out baseline ---------------------
 
-class _ActionJudge:
-    def __init__(self, games):
-        self.games = {g.prompt: g for g in games}
-
-    def prob(self, prompts, a, b):
-        return torch.tensor([self.games[x].P[int(p[1:]), int(q[1:])] for x, p, q in zip(prompts, a, b)],
-                            dtype=torch.float64)
-
-
 def test_deduplicated_pg_step_equals_per_sample_estimator(random_games):
     """What pg_step computes from distinct responses (counts as weights, opponent_reward, leave_one_out) has the
     same value and gradient as the estimator written per sample: every one of the K samples of a prompt against
@@ -87,7 +79,7 @@ def test_deduplicated_pg_step_equals_per_sample_estimator(random_games):
     gen = torch.Generator().manual_seed(1)
     y = policy.sample(list(games), K, generator=gen)
     y_opp = anchor.sample(list(games), K_opp, generator=gen)
-    judge = _ActionJudge(games)
+    judge = ArenaJudge(games)
     # pg_step's way
     rows, counts = unique_responses(y, K)
     assert len(rows) < len(y)
