@@ -269,13 +269,15 @@ def main(args: Args):
             else:
                 K = {"all": args.samples_per_prompt, "iid": 2 * args.pairs_per_prompt, "tournament": 8}[args.pairs]
                 y = pi_t.sample(world.prompts, K, generator=gen, temperature=args.temperature)
-                n_unique = len(unique_responses(y, K)[0])
                 if args.pairs == "all":  # y becomes the distinct responses; group = their prompt
                     y, group, win, lose, weights = all_pairs(y, K, judge, gen, expected=args.labels == "expected")
-                elif args.pairs == "tournament":
-                    win, lose, weights = tournament_pairs(y, K, judge, gen)
+                    n_unique = len(y)
                 else:
-                    win, lose, weights = iid_pairs(y, judge, gen, expected=args.labels == "expected")
+                    n_unique = len(unique_responses(y, K)[0])
+                    if args.pairs == "tournament":
+                        win, lose, weights = tournament_pairs(y, K, judge, gen)
+                    else:
+                        win, lose, weights = iid_pairs(y, judge, gen, expected=args.labels == "expected")
                 # π_t and π_ref log-probs: once per iteration, frozen constants of h_t
                 prev = batched_logprobs(pi_t, y)
                 ref_lp = batched_logprobs(ref, y)
