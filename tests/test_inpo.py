@@ -272,3 +272,13 @@ def test_real_checkpoint_world_with_reward_model_judge(tmp_path, real_world):
     r = run_script("inpo.py", *real_world, "--iterations", "1", "--samples-per-prompt", "3", "--run-dir", str(run_dir))
     rows = check_real_world_run(run_dir, r)
     assert 2 <= rows[1]["train/unique"] <= 6 and rows[1]["train/pairs"] <= 6  # 2 prompts, 3 pairs of 3 samples each
+
+
+def test_arena_lm_gap_falls_in_two_iterations(tmp_path):
+    """The LM path moves toward π*, not only runs: 2 iterations of the default estimator on a small budget (8 samples
+    per prompt) cut the training games' duality gap by ≥ 15% (measured: 25% on seed 1, 18% on seed 2)."""
+    r = run_script("inpo.py", "--iterations", "2", "--samples-per-prompt", "8", "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_metrics(tmp_path / "run")
+    assert rows[-1]["eval/dual_gap/train"] <= 0.85 * rows[0]["eval/dual_gap/train"]
+    assert rows[-1]["eval/valid/train"] > rows[0]["eval/valid/train"]
