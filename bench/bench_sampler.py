@@ -1,6 +1,7 @@
 """Benchmark of common/sampler.py (not a test): tokens/s ratios measured side by side in one run.
 
-  (1) generate vs transformers' generate, GPT-2-124M-shaped random weights (GPT2Config() defaults), B=8
+  (1) generate vs transformers' generate, GPT-2-124M-shaped random weights (GPT2Config() defaults), B=8; also the
+      time of the step's matmuls alone (every weight read once), which bounds any fp32 sampler's ratio
   (2) the same on a ~1M-parameter GPT-2-shaped model, B=64
   (3) generate (KV cache) vs a no-cache loop (full forward over the whole prefix for every token), ~1M model
   (4) generate_mixture (one KV cache per model) vs a no-cache mixture loop (both models over the prefix)
@@ -104,12 +105,33 @@ def main():
         t = measure({"ours": lambda n: generate(ours, prompts, n, generator=g),
                      "hf": lambda n: hf.generate(ids, max_new_tokens=n, **hf_kw)}, N, reps, device)
         record(label, "transformers generate", B, t["hf"], t["ours"])
+        return t
+
+    def weight_floor(model, B, reps):
+        """Seconds of one pass of every matmul of a decode step (each Linear and the LM head on a (B, in) input),
+        median of `reps`: the bandwidth floor of a step when the fp32 weights do not fit in cache."""
+        ws = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head_weight]
+        xs = [torch.randn(B, w.shape[1], device=device) for w in ws]
+        times = []
+        for _ in range(reps + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            for x, w in zip(xs, ws):
+                F.linear(x, w)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
 
     with tempfile.TemporaryDirectory() as tmp:
         if "1" not in skip:
             hf, ours = random_gpt2(tmp + "/big", device, 0, bos_token_id=0, eos_token_id=0)
             print(f"(1) GPT-2 124M shape: {ours.num_params() / 1e6:.1f}M parameters")
-            ours_vs_hf(hf, ours, args.batch_large, f"(1) 124M, B={args.batch_large}", args.reps_large)
+            t = ours_vs_hf(hf, ours, args.batch_large, f"(1) 124M, B={args.batch_large}", args.reps_large)
+            floor = weight_floor(ours, args.batch_large, 10)
+            hf_step = statistics.median(t["hf"]) / N
+            print(f"(1) matmuls alone: {floor * 1e3:.1f} ms per token step; transformers {hf_step * 1e3:.1f} ms, ours "
+                  f"{statistics.median(t['ours']) / N * 1e3:.1f} ms: no fp32 sampler can beat transformers by more "
+                  f"than {hf_step / floor:.2f}x here")
             del hf, ours
         small = dict(vocab_size=2048, n_embd=128, n_layer=4, n_head=4, n_positions=256, bos_token_id=0,
                      eos_token_id=0)
