@@ -123,9 +123,7 @@ def pg_loss(policy_tok, ref_tok, anchor_tok, mask, reward, beta, eta, weights=No
     Token n's advantage: reward − baseline − Σ_{m ≥ n} [β (log π_θ − log π_ref) + (β/η) (log π_θ − log π^k)]_m.
     Returns (loss, mean KL-to-ref estimate, mean KL-to-anchor estimate)."""
     mask = mask.to(policy_tok.dtype)
-    lp = policy_tok.detach()
-    kl_ref = (lp - ref_tok) * mask                                             # (B, T)
-    kl_anchor = (lp - anchor_tok) * mask
+    kl_ref, kl_anchor = sampled_kl(policy_tok, ref_tok, anchor_tok, mask)      # (B, T) each
     per_tok = beta * kl_ref + (beta / eta) * kl_anchor
     to_go = per_tok.flip(-1).cumsum(-1).flip(-1)                               # Σ_{m ≥ n}
     b = 0.5 if baseline is None else baseline[:, None]
@@ -137,12 +135,17 @@ def pg_loss(policy_tok, ref_tok, anchor_tok, mask, reward, beta, eta, weights=No
     return (w * surrogate).sum(), (w * kl_ref.sum(-1)).sum(), (w * kl_anchor.sum(-1)).sum()
 
 
+def sampled_kl(policy_tok, ref_tok, anchor_tok, mask):
+    """Per-token sampled KL terms (B, T), no grad: log π_θ − log π_ref and log π_θ − log π^k at the scored positions."""
+    lp = policy_tok.detach()
+    return (lp - ref_tok) * mask, (lp - anchor_tok) * mask
+
+
 def sequence_return(policy_tok, ref_tok, anchor_tok, mask, reward, beta, eta):
     """(B,) R(y) = P(y ≻ opp) − β log(π_θ/π_ref)(y) − (β/η) log(π_θ/π^k)(y): the sampled value of the proximal
     objective f whose policy gradient pg_loss estimates (no grad)."""
-    mask = mask.to(policy_tok.dtype)
-    lp = policy_tok.detach()
-    return reward - ((beta * (lp - ref_tok) + (beta / eta) * (lp - anchor_tok)) * mask).sum(-1)
+    kl_ref, kl_anchor = sampled_kl(policy_tok, ref_tok, anchor_tok, mask.to(policy_tok.dtype))
+    return reward - (beta * kl_ref + (beta / eta) * kl_anchor).sum(-1)
 
 
 def leave_one_out(values, counts, group, K):

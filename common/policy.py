@@ -359,9 +359,9 @@ class LMPolicy(nn.Module):
 
         The rows are sorted by (prompt length, response length) and cut into chunks of BUCKET_ROWS; each chunk keeps
         only the columns some row of it attends to. A random batch of arena samples is ~40% padding (a 13-token
-        response makes every row 13 long); the buckets skip most of it: 1.4x faster forward + backward on 2 CPU
-        cores (576 samples). Results equal one padded pass up to float rounding (~4e-6 on sums), since padding is
-        masked either way; they are bitwise reproducible."""
+        response makes every row 13 long); the buckets skip most of it: forward + backward of 576 arena
+        samples took 1.89 s instead of 2.97 s on one CPU thread. Results equal one padded pass up to float
+        rounding (~4e-6 on sums), since padding is masked either way; they are bitwise reproducible."""
         from common.losses import sequence_logprobs
         dev = self.device
         ids, attn, resp = (x.to(dev) for x in (samples.input_ids, samples.attention_mask, samples.response_mask))
