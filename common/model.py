@@ -17,6 +17,10 @@ Extra members used by the sampler and the loss module:
   model.lm_head_weight                                  # (V, d); the embedding matrix when tied
   model.new_cache(batch_size, max_len)                  # preallocated KV cache (KVCache), gpt-fast style
 
+Inside, q/k/v and SwiGLU's gate/up are stacked into one Linear each (qkv_proj, gate_up_proj: one GEMM instead of
+three / two); checkpoints keep transformers' separate tensors (stacked on load, each piece shape-checked; split on
+save). Every projection goes through linear(), which on CPU switches decode-sized products to the (W x^T)^T form.
+
 Padding: position ids are derived from attention_mask (cumsum − 1) unless given, so a left-padded row gets
 the same positions as the row run alone (the left-padding position bug of TRL #6800 cannot occur).
 Attention: a padded key is never attended to; a padded query attends to itself only (its output is
@@ -164,6 +168,46 @@ class ModelConfig:
 
 # ---- building blocks ----------------------------------------------------------------------------------
 
+SKINNY_ROWS = 64          # linear(): at most this many input rows ...
+LARGE_WEIGHT = 1 << 19    # ... and a weight of at least this many entries (2 MiB in fp32) take the (W x^T)^T path
+
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) = x W^T + b, x (..., in), weight (out, in). On CPU, when x has at most SKINNY_ROWS
+    rows and the weight at least LARGE_WEIGHT entries (a decode step of a model that does not fit in cache), it
+    computes (W x^T)^T instead: the same product, but W streams as the untransposed operand of the GEMM. With
+    torch 2.13's CPU BLAS on the dev box that is 1.1-2.6x faster for such shapes (2.4x for GPT-2's LM head at 8
+    rows; bench/bench_sampler.py (1) reports both forms), and slower for small weights, hence the thresholds.
+    Values equal F.linear's to float rounding; elsewhere (CUDA, training batches) it is F.linear."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.device.type != "cpu" or not 0 < rows <= SKINNY_ROWS or weight.numel() < LARGE_WEIGHT:
+        return F.linear(x, weight, bias)
+    xt = x.reshape(rows, x.shape[-1]).t()                                  # (in, rows)
+    y = weight @ xt if bias is None else torch.addmm(bias[:, None], weight, xt)   # (out, rows)
+    return y.t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) whose forward is linear() above."""
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+GELU_C = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(x):
+    """GPT-2's GELU, tanh approximation: x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). Without autograd it is
+    evaluated as x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)) (the same function, as (1 + tanh z)/2 = sigmoid(2z)) in
+    four in-place passes: 2.2x faster than F.gelu(approximate="tanh") on a GPT-2 prefill activation on the dev box,
+    equal to it to 5e-7. With autograd it is F.gelu."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return F.gelu(x, approximate="tanh")
+    y = x * x
+    y.mul_(GELU_C * 0.044715).add_(GELU_C).mul_(x)                        # 2 sqrt(2/pi) (x + 0.044715 x^3)
+    return y.sigmoid_().mul_(x)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, the statistic in float32 (as in the reference implementations)."""
     def __init__(self, dim, eps):
@@ -236,10 +280,8 @@ class Attention(nn.Module):
         self.nh, self.nkv, self.hs = nh, nkv, hs
         qkv_bias = cfg.attention_bias
         o_bias = cfg.attention_bias and cfg.model_type in ("llama", "mistral", "gpt2")
-        self.q_proj = nn.Linear(d, nh * hs, bias=qkv_bias)
-        self.k_proj = nn.Linear(d, nkv * hs, bias=qkv_bias)
-        self.v_proj = nn.Linear(d, nkv * hs, bias=qkv_bias)
-        self.o_proj = nn.Linear(nh * hs, d, bias=o_bias)
+        self.qkv_proj = Linear(d, (nh + 2 * nkv) * hs, bias=qkv_bias)   # q, k, v stacked: one GEMM, not three
+        self.o_proj = Linear(nh * hs, d, bias=o_bias)
         self.qk_norm = cfg.model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(hs, cfg.rms_norm_eps)
@@ -247,9 +289,9 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, cache, layer):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hs)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hs)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        qkv = self.qkv_proj(x).view(B, T, self.nh + 2 * self.nkv, self.hs)
+        q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=2)         # (B, T, nh|nkv, hs) views
+        v = v.transpose(1, 2)                                              # (B, nkv, T, hs)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)                        # (B, nh|nkv, T, hs)
@@ -264,20 +306,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU (Llama family): down(silu(gate(x)) * up(x)); GPT-2: proj(gelu_tanh(fc(x)))."""
+    """SwiGLU (Llama family): down(silu(gate(x)) * up(x)), gate and up stacked in one GEMM;
+    GPT-2: proj(gelu_tanh(fc(x)))."""
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gated = cfg.model_type != "gpt2"
         if self.gated:
-            self.gate_proj = nn.Linear(d, f, bias=bias)
-        self.up_proj = nn.Linear(d, f, bias=bias)
-        self.down_proj = nn.Linear(f, d, bias=bias)
+            self.gate_up_proj = Linear(d, 2 * f, bias=bias)
+        else:
+            self.up_proj = Linear(d, f, bias=bias)
+        self.down_proj = Linear(f, d, bias=bias)
 
     def forward(self, x):
         if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(gelu_tanh(self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -351,7 +396,13 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
         mask = None
-        if attention_mask is not None or cache is not None:
+        if cache is not None and T == 1 and attention_mask is not None:
+            # a decode step: every cached key precedes the query, so the mask is the padding mask, plus the
+            # query's own slot (the diagonal) always visible; (B, 1, 1, S) bool
+            mask = attention_mask.bool().clone()
+            mask[:, -1] = True
+            mask = mask[:, None, None, :]
+        elif attention_mask is not None or cache is not None:
             # (B, 1, T, S) bool: key s visible to query t iff s <= past + t and key s is not padding;
             # the diagonal is always visible, so a padded query row is never fully masked.
             q_idx = torch.arange(past, S, device=input_ids.device)[:, None]
@@ -379,7 +430,7 @@ class Transformer(nn.Module):
         h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         if self.config.is_reward_model:
             return self._pool_scores(self.score(h), input_ids, attention_mask)
-        return F.linear(h, self.lm_head_weight)
+        return linear(h, self.lm_head_weight)
 
     def _pool_scores(self, scores, input_ids, attention_mask):
         """Score at the last non-pad token: the rightmost position with attention_mask 1 (or, without a mask,
@@ -417,6 +468,26 @@ def _check_supported(cfg: ModelConfig):
 
 # ---- HF names <-> our names -------------------------------------------------------------------------
 
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}   # our stacked Linear -> transformers' pieces
+
+
+def _fused(key):
+    """'layers.3.self_attn.qkv_proj.weight' -> ('layers.3.', ('self_attn.q_proj', ...), 'weight'); else None."""
+    for ours, parts in FUSED.items():
+        head, sep, kind = key.partition("." + ours + ".")
+        if sep:
+            return head + ".", parts, kind
+    return None
+
+
+def _fused_sizes(cfg: ModelConfig, parts) -> list:
+    """Output rows of each piece of a stacked Linear."""
+    if parts == FUSED["self_attn.qkv_proj"]:
+        return [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2
+    return [cfg.intermediate_size] * 2
+
+
 def to_hf_state_dict(model: Transformer) -> dict:
     """Our parameters under transformers' names (GPT-2: Conv1D layout, fused c_attn)."""
     cfg, sd = model.config, model.state_dict()
@@ -431,8 +502,8 @@ def to_hf_state_dict(model: Transformer) -> dict:
                 out[h + theirs + ".weight"] = sd[s + ours + ".weight"]
                 out[h + theirs + ".bias"] = sd[s + ours + ".bias"]
             a = s + "self_attn."
-            out[h + "attn.c_attn.weight"] = torch.cat([sd[a + n + ".weight"] for n in ("q_proj", "k_proj", "v_proj")]).t()
-            out[h + "attn.c_attn.bias"] = torch.cat([sd[a + n + ".bias"] for n in ("q_proj", "k_proj", "v_proj")])
+            out[h + "attn.c_attn.weight"] = sd[a + "qkv_proj.weight"].t()
+            out[h + "attn.c_attn.bias"] = sd[a + "qkv_proj.bias"]
             out[h + "attn.c_proj.weight"] = sd[a + "o_proj.weight"].t()
             out[h + "attn.c_proj.bias"] = sd[a + "o_proj.bias"]
             out[h + "mlp.c_fc.weight"] = sd[s + "mlp.up_proj.weight"].t()
@@ -444,6 +515,10 @@ def to_hf_state_dict(model: Transformer) -> dict:
         for k, v in sd.items():
             if k in ("lm_head.weight", "score.weight"):
                 out[k] = v
+            elif _fused(k):
+                prefix, parts, kind = _fused(k)
+                for name, piece in zip(parts, v.split(_fused_sizes(cfg, parts))):
+                    out[f"model.{prefix}{name}.{kind}"] = piece
             else:
                 out["model." + k] = v
     if cfg.is_reward_model:
@@ -474,9 +549,7 @@ def from_hf_state_dict(cfg: ModelConfig, get, keys: set, source: str) -> dict:
             if w.shape != (d, 3 * d):
                 raise ValueError(f"{source}: tensor {h}attn.c_attn.weight has shape {tuple(w.shape)}, "
                                  f"expected {(d, 3 * d)}")
-            for j, n in enumerate(("q_proj", "k_proj", "v_proj")):
-                sd[s + f"self_attn.{n}.weight"] = w[:, j * d:(j + 1) * d].t()
-                sd[s + f"self_attn.{n}.bias"] = b[j * d:(j + 1) * d]
+            sd[s + "self_attn.qkv_proj.weight"], sd[s + "self_attn.qkv_proj.bias"] = w.t(), b
             sd[s + "self_attn.o_proj.weight"] = need(h + "attn.c_proj.weight").t()
             sd[s + "self_attn.o_proj.bias"] = need(h + "attn.c_proj.bias")
             sd[s + "mlp.up_proj.weight"] = need(h + "mlp.c_fc.weight").t()
@@ -489,7 +562,20 @@ def from_hf_state_dict(cfg: ModelConfig, get, keys: set, source: str) -> dict:
         with torch.device("meta"):
             names = Transformer(cfg).state_dict().keys()
         for k in names:
-            if k not in ("lm_head.weight", "score.weight"):
+            if k in ("lm_head.weight", "score.weight"):
+                continue
+            if _fused(k):  # stacked from transformers' separate q/k/v (gate/up) tensors, each shape-checked
+                prefix, parts, kind = _fused(k)
+                pieces = []
+                for name, size in zip(parts, _fused_sizes(cfg, parts)):
+                    t = need(f"{p}{prefix}{name}.{kind}")
+                    want = (size, cfg.hidden_size) if kind == "weight" else (size,)
+                    if tuple(t.shape) != want:
+                        raise ValueError(f"{source}: tensor {p}{prefix}{name}.{kind} has shape {tuple(t.shape)}, "
+                                         f"expected {want}")
+                    pieces.append(t)
+                sd[k] = torch.cat(pieces)
+            else:
                 sd[k] = need(p + k)
         if not cfg.tie_word_embeddings and not cfg.is_reward_model:
             sd["lm_head.weight"] = need("lm_head.weight")

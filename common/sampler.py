@@ -23,17 +23,21 @@ Details and costs:
   (cumsum - 1), so a row's positions are those it has when run alone (no TRL #6800 left-padding bug).
 - Cache: one (B, n_kv, L + max_new_tokens, hs) buffer per layer and k/v, allocated once; prefill costs one
   forward over (B, L), each new token one forward over (B, 1) attending to the filled prefix; only the last
-  position is projected onto the vocabulary.
+  position is projected onto the vocabulary. Decode-step projections of large models take common.model.linear's
+  (W x^T)^T form on CPU; everything runs under torch.inference_mode, outputs are returned as ordinary tensors.
 - The batch is static: a finished row keeps being decoded (its outputs are discarded) rather than being
   dropped from the cache, which would cost a host sync per token.
-- Draws use the exponential race (equivalent to Gumbel-max) on uniform noise from `generator` (which must live
-  on the model's device; None = torch's global generator): no multinomial, no host sync.
+- Draws invert the CDF with one uniform per row from `generator` (which must live on the model's device;
+  None = torch's global generator): no multinomial, no host sync.
 - Early stop when every row has finished: checked every token on CPU (a sync is free there) and every 16
   tokens on CUDA (one host sync per 16 tokens; at most 15 wasted steps).
 - Works in fp32 on CPU and under torch.autocast("cuda", torch.bfloat16); logits are filtered in float32.
 """
+import functools
+
 import torch
-import torch.nn.functional as F
+
+from common.model import linear
 
 CUDA_CHECK_EVERY = 16  # tokens between all-rows-finished checks on CUDA (each one is a host sync)
 
@@ -68,24 +72,27 @@ def mixture_logits(logits_a, logits_b, c):
 
 
 def sample(logprobs, generator=None):
-    """logprobs (B, V) -> token ids (B,) ~ softmax(logprobs), sync-free. Exponential race (Gumbel-max):
-    with E_i = -log U_i ~ Exp(1), argmin_i E_i / p_i ~ Categorical(p); computed as argmax_i log(U_i) / p_i,
-    which maps removed tokens (p_i = 0) and U_i = 0 to -inf, never NaN. torch.rand is ~5x cheaper than
-    exponential_ on CPU."""
-    u = torch.rand(logprobs.shape, generator=generator, device=logprobs.device)   # (B, V) U[0, 1)
-    return u.log_().div_(logprobs.exp()).argmax(-1)
+    """logprobs (B, V) -> token ids (B,) ~ softmax(logprobs), sync-free, by inversion of the CDF: one uniform
+    u ~ U[0, 1) per row, and the first token whose cumulative mass exceeds u * (total mass). A removed token (p = 0)
+    repeats its predecessor's cumulative mass, so it is never the first to exceed it; u < 1 gives u * total < total
+    in floating point, so some token does. One uniform per row instead of one per token (the exponential race):
+    5.0x cheaper at (B, V) = (8, 50257), 4.4x at (64, 2048) on the dev box. The float32 cumulative sum errs by ~6e-8 of mass over
+    151936 tokens there (measured against float64), i.e. < 0.01 of a uniform token's mass; float64 would cost 7x."""
+    cdf = logprobs.exp().cumsum(-1)                                               # (B, V) non-decreasing
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
 
 
 def prefill(model, ids, attention_mask, position_ids, cache):
     """Fill `cache` with the prompts ids (B, L); returns the last position's logits (B, V)."""
     h = model.hidden_states(ids, attention_mask, position_ids, cache)             # (B, L, d)
-    return F.linear(h[:, -1], model.lm_head_weight)
+    return linear(h[:, -1], model.lm_head_weight)
 
 
 def decode_one_token(model, tok, attention_mask, position_ids, cache):
     """tok (B, 1) at the cache's next slot; attention_mask (B, cache.pos + 1); returns logits (B, V)."""
     h = model.hidden_states(tok, attention_mask, position_ids, cache)             # (B, 1, d)
-    return F.linear(h[:, -1], model.lm_head_weight)
+    return linear(h[:, -1], model.lm_head_weight)
 
 
 def _setup(models, prompts, max_new_tokens, eos_id, pad_id):
@@ -147,7 +154,18 @@ def _sampling_args(temperature, top_k, top_p):
     return dict(temperature=temperature, top_k=top_k, top_p=top_p)
 
 
-@torch.no_grad()
+def _inference(fn):
+    """Run fn under torch.inference_mode (no autograd bookkeeping at all: ~3% faster than no_grad for the 1M model
+    at B = 64 on the dev box) and return clones, ordinary tensors that autograd may use later (e.g. as a batch)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        return tuple(t.clone() for t in out)
+    return wrapped
+
+
+@_inference
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, eos_id=None,
              generator=None, pad_id=None):
     """Sample responses to `prompts` from `model`; see the module docstring for the contract."""
@@ -162,7 +180,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     return _decode(step, first, L, max_new_tokens, mask, positions, eos, pad_id, sampling, generator)
 
 
-@torch.no_grad()
+@_inference
 def generate_mixture(model_a, model_b, c, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
                      eos_id=None, generator=None, pad_id=None):
     """Sample from the geometric mixture pi_a^(1-c) pi_b^c (normalized) with one KV cache per model."""

@@ -3,9 +3,11 @@ hand-computed geometric mixture, and sampled frequencies vs the softmax. Tiny ra
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from common.model import ModelConfig, Transformer, from_pretrained
-from common.sampler import filter_logits, generate, generate_mixture, mixture_logits, prefill
+import common.model
+from common.model import ModelConfig, Transformer, from_pretrained, linear
+from common.sampler import filter_logits, generate, generate_mixture, mixture_logits, prefill, sample
 
 PROMPTS = [[5, 9, 2, 7, 1, 3], [4], [8, 8, 6, 11], [3, 1, 4, 1, 5, 9, 2, 6, 5]]  # ragged
 
@@ -41,10 +43,19 @@ def recompute_logps(model, prompts, ids, mask, **sampling):
     return out
 
 
+@pytest.fixture(params=["F.linear", "skinny"])
+def matmul_path(request, monkeypatch):
+    """Runs a test twice: as is (tiny weights: every linear() is F.linear), and with linear()'s weight threshold
+    at 0, so every decode-step projection takes the (W x^T)^T path that large models take."""
+    if request.param == "skinny":
+        monkeypatch.setattr(common.model, "LARGE_WEIGHT", 0)
+    return request.param
+
+
 # ---- parity with transformers -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_greedy_matches_transformers_per_row(model_type, tmp_path):
+def test_greedy_matches_transformers_per_row(model_type, tmp_path, matmul_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if model_type == "llama":
@@ -73,7 +84,7 @@ def test_greedy_matches_transformers_per_row(model_type, tmp_path):
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 @pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=10, top_p=0.9)])
-def test_cached_logps_equal_recomputation(model_type, sampling):
+def test_cached_logps_equal_recomputation(model_type, sampling, matmul_path):
     model = tiny(model_type)
     ids, mask, logps = generate(model, PROMPTS, 12, generator=gen(1), **sampling)
     ref = recompute_logps(model, PROMPTS, ids, mask, **sampling)
@@ -99,7 +110,70 @@ def test_top_p_keeps_smallest_set_with_enough_mass():
     torch.testing.assert_close(out, torch.tensor([0.0, 0.5, 0.0, 0.3]) / 0.8)
 
 
+# ---- the decode-step matmul ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_F_linear_on_both_paths(bias, monkeypatch):
+    """linear() against F.linear: 1, 8 and 64 rows (the (W x^T)^T path; F.linear is made to raise, so that path is
+    proven taken), 65 rows and a small weight (F.linear itself); 2-D and 3-D inputs; O(1) values to 1e-5."""
+    g = gen(0)
+    big, small = torch.randn(1024, 512, generator=g), torch.randn(256, 512, generator=g)  # 2^19 and 2^17 entries
+    b_big, b_small = (torch.randn(1024, generator=g), torch.randn(256, generator=g)) if bias else (None, None)
+    inputs = [torch.randn(shape, generator=g) / 512 ** 0.5 for shape in [(1, 512), (8, 512), (4, 16, 512), (2, 1, 512)]]
+    refs = [F.linear(x, big, b_big) for x in inputs]
+    wide = torch.randn(65, 512, generator=g)
+    ref_wide, ref_small = F.linear(wide, big, b_big), F.linear(inputs[1], small, b_small)
+
+    def boom(*a, **k):
+        raise AssertionError("F.linear called")
+    with monkeypatch.context() as m:
+        m.setattr(F, "linear", boom)
+        for x, ref in zip(inputs, refs):
+            y = linear(x, big, b_big)
+            assert y.shape == ref.shape and y.is_contiguous()
+            torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+        for x, w, bb in [(wide, big, b_big), (inputs[1], small, b_small)]:
+            with pytest.raises(AssertionError, match="F.linear called"):
+                linear(x, w, bb)
+    torch.testing.assert_close(linear(wide, big, b_big), ref_wide, atol=0, rtol=0)
+    torch.testing.assert_close(linear(inputs[1], small, b_small), ref_small, atol=0, rtol=0)
+
+
 # ---- randomness ---------------------------------------------------------------------------------------
+
+def test_sample_inverse_cdf_frequencies_and_removed_tokens():
+    """sample() on a batch of identical rows: removed tokens (-inf, at both ends and inside) are never drawn,
+    every other frequency is within 5 standard errors of its probability; a row with a single kept token (first
+    or last in the vocabulary) always draws it; on a 151936-token uniform row the draw is the exact inverse CDF."""
+    n = 40000
+    logits = torch.tensor([float("-inf"), 0.3, 2.0, float("-inf"), -1.0, 1.2, float("-inf")])
+    p = logits.softmax(-1).double()
+    ids = sample(logits.log_softmax(-1).expand(n, -1), gen(3))
+    assert ids.shape == (n,) and ids.dtype == torch.long
+    freq = torch.bincount(ids, minlength=7).double() / n
+    assert bool((freq[p == 0] == 0).all())
+    se = (p * (1 - p) / n).sqrt()
+    assert bool(((freq - p).abs() <= 5 * se + 1e-9).all()), (freq, p)
+    for keep in (0, 6):
+        one = torch.full((100, 7), float("-inf"))
+        one[:, keep] = 0.0
+        assert bool((sample(one, gen(4)) == keep).all())
+    V, rows = 151936, 64        # uniform over a Qwen-sized vocabulary: the draw must be floor(u * V) for its u
+    ids = sample(torch.full((rows, V), -torch.log(torch.tensor(float(V)))), gen(5))
+    u = torch.rand(rows, 1, generator=gen(5)).double()[:, 0]                 # the uniforms sample() drew
+    assert (ids - (u * V).floor().long()).abs().max() <= 1, "not the inverse CDF"
+
+
+
+def test_outputs_are_ordinary_tensors_usable_by_autograd():
+    """generate runs under inference_mode but returns ordinary tensors: a training step can consume them."""
+    model = tiny()
+    ids, mask, logps = generate(model, PROMPTS, 6, generator=gen(0))
+    assert not any(t.is_inference() for t in (ids, mask, logps))
+    logits = model(ids)                                         # embedding saves ids for backward
+    (logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0] * mask).sum().backward()
+    assert model.embed_tokens.weight.grad is not None
+
 
 def test_seeds():
     model = tiny()
