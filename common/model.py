@@ -300,7 +300,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         if cache is not None:
             k, v = cache.update(layer, k, v)                               # (B, nkv, S, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.nkv != self.nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
 
@@ -395,14 +395,14 @@ class Transformer(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
-        mask = None
+        mask = None  # no padding and no earlier cached keys: SDPA's causal kernel; a 1-token step: no mask at all
         if cache is not None and T == 1 and attention_mask is not None:
             # a decode step: every cached key precedes the query, so the mask is the padding mask, plus the
             # query's own slot (the diagonal) always visible; (B, 1, 1, S) bool
             mask = attention_mask.bool().clone()
             mask[:, -1] = True
             mask = mask[:, None, None, :]
-        elif attention_mask is not None or cache is not None:
+        elif attention_mask is not None or (past > 0 and T > 1):
             # (B, 1, T, S) bool: key s visible to query t iff s <= past + t and key s is not padding;
             # the diagonal is always visible, so a padded query row is never fully masked.
             q_idx = torch.arange(past, S, device=input_ids.device)[:, None]

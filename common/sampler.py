@@ -20,7 +20,8 @@ decode step of each model instead of a forward pass of both over the whole prefi
 
 Details and costs:
 - Prompts are left-padded to L = the longest prompt; position ids are derived once from the attention mask
-  (cumsum - 1), so a row's positions are those it has when run alone (no TRL #6800 left-padding bug).
+  (cumsum - 1), so a row's positions are those it has when run alone (no TRL #6800 left-padding bug). A batch
+  without padding passes no mask at all.
 - Cache: one (B, n_kv, L + max_new_tokens, hs) buffer per layer and k/v, allocated once; prefill costs one
   forward over (B, L), each new token one forward over (B, 1) attending to the filled prefix; only the last
   position is projected onto the vocabulary. Decode-step projections of large models take common.model.linear's
@@ -96,7 +97,8 @@ def decode_one_token(model, tok, attention_mask, position_ids, cache):
 
 
 def _setup(models, prompts, max_new_tokens, eos_id, pad_id):
-    """Validate; left-pad. Returns ids (B, L), mask (B, L + N) bool, positions (B, L + N), eos (E,), pad."""
+    """Validate; left-pad. Returns ids (B, L), mask (B, L + N) bool or None when no row is padded,
+    positions (B, L + N), eos (E,), pad."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt must be a non-empty list of token ids")
     if max_new_tokens < 1:
@@ -113,6 +115,8 @@ def _setup(models, prompts, max_new_tokens, eos_id, pad_id):
     mask = torch.ones(B, L + N, dtype=torch.bool, device=device)                  # generated slots: all ones
     mask[:, :L] = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompts], device=device)
     positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)                        # (B, L + N)
+    if all(len(p) == L for p in prompts):
+        mask = None   # no padding: the model needs no mask (causal prefill kernel, unmasked decode steps)
     eos = [] if eos_id is None else [int(e) for e in eos_id] if isinstance(eos_id, (list, tuple)) else [int(eos_id)]
     eos = torch.tensor(eos, dtype=torch.long, device=device)                      # (E,)
     if pad_id is None:
@@ -121,7 +125,7 @@ def _setup(models, prompts, max_new_tokens, eos_id, pad_id):
 
 
 def _decode(step, first_logits, L, max_new_tokens, mask, positions, eos, pad_id, sampling, generator):
-    """The shared loop. step(tok (B, 1), mask (B, S), pos (B, 1)) -> next logits (B, V)."""
+    """The shared loop. step(tok (B, 1), mask (B, S) or None, pos (B, 1)) -> next logits (B, V)."""
     B, device = first_logits.shape[0], first_logits.device
     out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_mask = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
@@ -142,7 +146,7 @@ def _decode(step, first_logits, L, max_new_tokens, mask, positions, eos, pad_id,
         if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
             break
         S = L + t + 1
-        logits = step(out_ids[:, t:t + 1], mask[:, :S], positions[:, S - 1:S])
+        logits = step(out_ids[:, t:t + 1], None if mask is None else mask[:, :S], positions[:, S - 1:S])
     n = int(out_mask.sum(1).max())                                                # longest response (one sync)
     return out_ids[:, :n], out_mask[:, :n], out_logps[:, :n]
 
@@ -173,7 +177,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     ids, mask, positions, eos, pad_id = _setup([model], prompts, max_new_tokens, eos_id, pad_id)
     B, L = ids.shape
     cache = model.new_cache(B, L + max_new_tokens)
-    first = prefill(model, ids, mask[:, :L], positions[:, :L], cache)
+    first = prefill(model, ids, None if mask is None else mask[:, :L], positions[:, :L], cache)
 
     def step(tok, m, pos):
         return decode_one_token(model, tok, m, pos, cache)
@@ -193,7 +197,7 @@ def generate_mixture(model_a, model_b, c, prompts, max_new_tokens, temperature=1
     ids, mask, positions, eos, pad_id = _setup([model_a, model_b], prompts, max_new_tokens, eos_id, pad_id)
     B, L = ids.shape
     cache_a, cache_b = model_a.new_cache(B, L + max_new_tokens), model_b.new_cache(B, L + max_new_tokens)
-    m, pos = mask[:, :L], positions[:, :L]
+    m, pos = None if mask is None else mask[:, :L], positions[:, :L]
     first = mixture_logits(prefill(model_a, ids, m, pos, cache_a), prefill(model_b, ids, m, pos, cache_b), c)
 
     def step(tok, m, pos):

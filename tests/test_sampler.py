@@ -92,6 +92,18 @@ def test_cached_logps_equal_recomputation(model_type, sampling, matmul_path):
     assert logps.dtype == torch.float32 and bool((logps[mask.bool()] <= 0).all()) and bool((logps < 0).any())
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_dense_batch_without_mask_equals_recomputation(model_type, matmul_path):
+    """Equal-length prompts take the unmasked path (causal prefill kernel, no mask in decode steps)."""
+    model, dense = tiny(model_type), [[5, 9, 2, 7], [4, 4, 1, 0], [8, 8, 6, 11]]
+    ids, mask, logps = generate(model, dense, 12, generator=gen(2))
+    torch.testing.assert_close(logps, recompute_logps(model, dense, ids, mask), atol=1e-5, rtol=0)
+    greedy, _, _ = generate(model, dense, 12, temperature=0.0)
+    for b, p in enumerate(dense):   # each row equals itself inside a padded batch (the masked path)
+        ragged, _, _ = generate(model, [p, [3]], 12, temperature=0.0)
+        assert ragged[0].tolist() == greedy[b].tolist()
+
+
 def test_top_k_1_equals_greedy():
     model = tiny()
     greedy = generate(model, PROMPTS, 10, temperature=0.0)[0]
