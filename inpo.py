@@ -47,8 +47,8 @@ Deviations from the paper (numbered; each is one flag away from the paper's sett
        from π_t, so the average is unbiased for L_t) instead of over K/2 disjoint pairs: K(K−1)/2 pairs from the
        same K samples, one oracle call per distinct pair. Identical responses are scored once with their count, and
        pairs of identical responses (h_t = 0 for every π: a constant of the loss) are left out. On the arena LM
-       this is what lets the LM follow the mirror-descent steps: after 6 iterations the train dual gap is 36% lower
-       with 16 disjoint pairs per prompt (the previous default) and 63% lower with all pairs of 32 samples, and the
+       this is what lets the LM follow the mirror-descent steps: after 6 iterations the train dual gap is 37% lower
+       with 16 disjoint pairs per prompt (the previous default) and 61% lower with all pairs of 32 samples, and the
        cyclic games' kl_ne rises with the former and falls with the latter (3 seeds each, README).
 """
 import time
