@@ -111,8 +111,8 @@ def main():
         """Seconds of one pass of every matmul of a decode step (each Linear and the LM head on a (B, in) input)
         through fn (F.linear or common.model.linear), median of `reps`: the time a step needs just to stream the
         fp32 weights through that GEMM form when they do not fit in cache."""
-        ws = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head_weight]
-        bs = [getattr(m, "bias", None) for m in model.modules() if isinstance(m, torch.nn.Linear)] + [None]
+        wb = [(m.weight, m.bias) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        ws, bs = [w for w, _ in wb] + [model.lm_head_weight], [b for _, b in wb] + [None]
         xs = [torch.randn(B, w.shape[1], device=device) for w in ws]
         times = []
         for _ in range(reps + 1):

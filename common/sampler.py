@@ -113,11 +113,12 @@ def _setup(models, prompts, max_new_tokens, eos_id, pad_id):
     device = models[0].embed_tokens.weight.device
     B, N = len(prompts), max_new_tokens
     ids = torch.tensor([[0] * (L - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
-    mask = torch.ones(B, L + N, dtype=torch.bool, device=device)                  # generated slots: all ones
-    mask[:, :L] = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompts], device=device)
-    positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)                        # (B, L + N)
-    if all(len(p) == L for p in prompts):
-        mask = None   # no padding: the model needs no mask (causal prefill kernel, unmasked decode steps)
+    if all(len(p) == L for p in prompts):   # no padding: no mask at all (causal prefill kernel, unmasked steps)
+        mask, positions = None, torch.arange(L + N, device=device).expand(B, L + N)
+    else:
+        mask = torch.ones(B, L + N, dtype=torch.bool, device=device)              # generated slots: all ones
+        mask[:, :L] = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompts], device=device)
+        positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)                    # (B, L + N)
     eos = [] if eos_id is None else [int(e) for e in eos_id] if isinstance(eos_id, (list, tuple)) else [int(eos_id)]
     eos = torch.tensor(eos, dtype=torch.long, device=device)                      # (E,)
     if pad_id is None:

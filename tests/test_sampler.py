@@ -176,7 +176,6 @@ def test_sample_inverse_cdf_frequencies_and_removed_tokens():
     assert (ids - (u * V).floor().long()).abs().max() <= 1, "not the inverse CDF"
 
 
-
 def test_outputs_are_ordinary_tensors_usable_by_autograd():
     """generate runs under inference_mode but returns ordinary tensors: a training step can consume them."""
     model = tiny()
