@@ -2,8 +2,9 @@
 
 Paper: Rosset, Cheng, Mitra, Santacroce, Awadallah, Xie — "Direct Nash Optimization: Teaching Language Models to
 Self-Improve with General Preferences", arXiv 2404.03715v1 (full text read; equation numbers as there) [paper].
-Iterative DPO: the RLHFlow recipe (best vs worst of K samples by a reward model, DPO against the previous iterate)
-[code]; online DPO: one random on-policy pair per prompt, labelled once, DPO against the fixed SFT model.
+Iterative DPO: the RLHFlow recipe, run_loop2.sh of RLHFlow/Online-RLHF at commit c5f1d27 (best vs worst of K
+samples by a reward model, DPO against the previous iterate) [code]; online DPO: pairs of two on-policy samples,
+each labelled once by the oracle, DPO against the fixed SFT model (deviation 8).
 
 DNO's conceptual algorithm (Alg. 1) is soft policy iteration on the preference game:
     r_t(x, y) = P(y ≻ π_t | x)                        the expected win rate against the current policy
@@ -34,7 +35,8 @@ Paper → code
 
 Deviations from the paper (numbered)
     1. Sampling at temperature 1 without top-p (paper: 5 samples at temperature 0.7, top-p 0.95), so the samples
-       are from π_t itself as Alg. 1 assumes; `--temperature 0.7` restores the paper's temperature.
+       are draws from π_t itself and their win rates against each other estimate Alg. 1's r_t(y) = P(y ≻ π_t);
+       `--temperature 0.7` restores the paper's temperature.
     2. No gold (teacher) response among the K candidates: the oracle is the only source of preference.
     3. Win rates from one Bernoulli oracle label per pair of the K samples (the paper's annotator scores each
        pair with GPT-4); "large margin" is r̂(y⁺) − r̂(y⁻) ≥ `--margin` (default ½; our threshold).
@@ -47,6 +49,11 @@ Deviations from the paper (numbered)
        with --ref sft online DPO's expected loss, every ordered pair weighted π_t(y)π_t(y')P(y ≻ y'). (Hard
        best-vs-worst pairs alone have no finite minimizer, so the exact check uses Eq. 8, as ALGORITHMS.md says.)
     7. Arena LM: π_ref is the SFT model's exact distribution including its invalid mass (common/arena.py).
+    8. The baselines' settings (not DNO's paper). Iterative DPO: run_loop2.sh samples K = 4 at temperature 1 and
+       trains 2 epochs with label smoothing 0.1; here K = `samples_per_prompt` (default 5, as for DNO), no label
+       smoothing. Online DPO is "online" per iteration: all of an iteration's pairs are drawn from the frozen π_t,
+       then trained on for `epochs` passes, where OAIF (Guo et al. 2024, arXiv 2402.04792) samples fresh pairs
+       from the current policy at every optimizer step.
 """
 import time
 from dataclasses import dataclass
@@ -186,7 +193,7 @@ def exact_loss(policy, pi_t, anchor, P, eta, soft):
     lp, lt, la = (x.masked_fill(~valid, 0.0) for x in (lp, lt, la))
     diff = lambda x: x[:, :, None] - x[:, None, :]                                     # (G, n, n): x_y₁ − x_y₂
     pt = lt.exp() * valid
-    weights = pt[:, :, None] * pt[:, None, :] * (1 - torch.eye(P.shape[-1], dtype=P.dtype))
+    weights = pt[:, :, None] * pt[:, None, :] * (1 - torch.eye(P.shape[-1], dtype=P.dtype, device=P.device))
     weights = weights * (P.abs().sum(-1, keepdim=True) > 0)                            # games in the train split
     if soft:
         r = (P @ pt[..., None])[..., 0]                                                # (G, n): r_t(y) = P(y ≻ π_t)

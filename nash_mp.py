@@ -85,7 +85,8 @@ class Args:
     threads: int = 2
     """CPU threads of torch (the defaults are sized for 2 cores; bench/arena_table.py runs 2 jobs of 1 thread)"""
     iterations: int = 7
-    """mirror-prox iterations k (two proximal steps, two preference queries per sample, each)"""
+    """mirror-prox iterations k, each two proximal steps of `inner_steps` policy-gradient steps; every inner step
+    judges each distinct sample against each distinct opponent sample of its prompt"""
     step: str = "pg"
     """pg (stochastic policy gradient), pg-exact (tabular: the same gradient in exact expectation) or closed (tabular)"""
     samples_per_prompt: int = 8
@@ -108,7 +109,7 @@ class Args:
 
 def prox_step(pi_k, pi_ref, P, opponent, beta, eta):
     """argmax_π E_π P(y ≻ opponent) − β KL(π‖π_ref) − (β/η) KL(π‖π^k), one game, float64 tensors:
-    log π ∝ [log π^k + η log π_ref + (η/β) P(· ≻ opponent)] / (1+η)."""
+    log π = [log π^k + η log π_ref + (η/β) P(· ≻ opponent)] / (1+η) + const."""
     logits = (pi_k.log() + eta * pi_ref.log() + (eta / beta) * (P @ opponent)) / (1 + eta)
     return torch.softmax(logits, dim=-1)
 

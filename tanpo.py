@@ -37,7 +37,8 @@ Paper → code
 
 Deviations (numbered)
     1. The losses are reconstructed from the reviews and the authors' replies [review]; the bonus term and its sign
-       are derived [derived]. The paper's η is unknown: default η = 1.
+       are derived [derived]. The paper's η is unknown: default η = 10 (at η = 1 the arena LM's min-player loses
+       most of its valid mass; deviation 2).
     2. Bonus weight c_t = (α/η)/t. The theory's L_MLE is a SUM over the history (t·N pairs after t iterations)
        while the bonus carries α/η once; dividing both by |D| to use a mean gives the 1/t decay (N is folded into
        η). It matters: the bonus pulls c_t·π_{t+1}(a) against the DPO term's α·(D's mass of pairs that a wins), and
@@ -59,6 +60,14 @@ Deviations (numbered)
        is then π_r after one iteration (the DPO optimum on a D of full support). SADPO's exact pair distribution
        (the extremes of K draws) is not implemented: --single-agent is sampled only.
     6. Arena LM: π_ref is the SFT model's exact distribution including its invalid mass (common/arena.py).
+    7. Which player the paper reports is not public. Here the min-player μ is the run's policy (eval/…, saved at
+       the run dir root) and the max-player π is logged next to it (eval_max/…, max_player/ or policy_max.json);
+       the README's table shows both. SADPO's sampling temperature is not known either: it uses the max-player's
+       0.7 (`--temperature-max`).
+
+Symbols: α is the KL coefficient of Eq. (3) and plays DPO's β. η weights the likelihood in the optimistic reward
+(the bonus coefficient is c_t = (α/η)/t): it is neither inpo.py's and nash_dpo.py's η (an inverse step size) nor
+nash_mp.py's (a ratio of two KL weights).
 """
 import os
 import shutil
@@ -247,7 +256,7 @@ def main(args: Args):
     args.lr = args.lr if args.lr is not None else (0.1 if args.policy == "tabular" else 2e-4)
     pi, ref, judge, gen = world.policy, world.ref, world.judge, world.generator  # π: max-player (SADPO: the policy)
     mu = None if args.single_agent else pi.frozen_copy().requires_grad_(True)    # min-player, μ₁ = π_ref too
-    head = pi if mu is None else mu             # the paper's headline policy: eval/…, saved at the run dir root
+    head = pi if mu is None else mu             # the run's policy: eval/…, saved at the run dir root (deviation 7)
     shuffle_gen = torch.Generator().manual_seed(args.seed)  # minibatch draws (CPU, whatever the device)
     if args.pairs == "exact":  # the training games' matrices, (G, n, n) zero-padded (other games: weight 0)
         exact_P = pi.matrices(world.prompts)

@@ -2,9 +2,13 @@
 
   (1) generate vs transformers' generate, GPT-2-124M-shaped random weights (GPT2Config() defaults), B=8; also the
       time of the step's matmuls alone (every weight read once) in the two GEMM forms of common.model.linear
-  (2) the same on a ~1M-parameter GPT-2-shaped model, B=64
+  (2) the same on a ~1M-parameter GPT-2-shaped model, B=64; also where the time goes: the prefill and the per-token
+      decode step of each side (from calls of 1 and of N new tokens), and two parts of our step measured alone
+      (its matmuls with the weights in cache; the attention over each layer's cache at the run's lengths)
   (3) generate (KV cache) vs a no-cache loop (full forward over the whole prefix for every token), ~1M model
   (4) generate_mixture (one KV cache per model) vs a no-cache mixture loop (both models over the prefix)
+  (5) as (2) on the arena's SFT model (data/arena: Llama shape, RoPE, RMSNorm, SwiGLU, GQA, 0.89M trained
+      parameters, the model every arena LM run samples from) against transformers' LlamaForCausalLM, B=64
 Both sides sample with temperature 1 and no top-k/top-p, with no EOS stop (every row generates the full
 budget), with torch's default thread count. After a short warm-up call of each variant, the timed runs of the
 variants are interleaved; tokens/s come from the median time, and two ratios are printed: of the median
@@ -28,6 +32,16 @@ from common.sampler import filter_logits, generate, generate_mixture, mixture_lo
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def arena_models(device):
+    """The committed arena SFT folder, loaded by transformers and by us."""
+    import transformers
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "arena")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None   # never stop: both sides generate the full budget
+    hf.generation_config.pad_token_id = 0
+    return hf.to(device), from_pretrained(path, device=device)
 
 
 def random_gpt2(tmp, device, seed, **kw):
@@ -102,11 +116,13 @@ def main():
         prompts = ids.tolist()
         hf_kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                      pad_token_id=0)
-        t = measure({"ours": lambda n: generate(ours, prompts, n, generator=g),
-                     "hf": lambda n: hf.generate(ids, max_new_tokens=n, **hf_kw)}, N, reps, device)
+        variants = {"ours": lambda n: generate(ours, prompts, n, generator=g),
+                    "hf": lambda n: hf.generate(ids, max_new_tokens=n, **hf_kw)}
+        t = measure(variants, N, reps, device)
         record(label, "transformers generate", B, t["hf"], t["ours"])
-        return t
+        return t, variants
 
+    @torch.inference_mode()
     def weight_floor(model, B, reps, fn):
         """Seconds of one pass of every matmul of a decode step (each Linear and the LM head on a (B, in) input)
         through fn (F.linear or common.model.linear), median of `reps`: the time a step needs just to stream the
@@ -124,11 +140,33 @@ def main():
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:])
 
+    @torch.inference_mode()
+    def attention_floor(model, B, reps):
+        """Seconds per decode step of the attention alone: one SDPA call per layer, a query (B, nh, 1, hs) against
+        that layer's K/V cache filled to each length of the run (prompt + 1 ... prompt + N - 1), the mean over the
+        lengths; median of `reps`."""
+        cfg, L = model.config, args.prompt
+        cache = model.new_cache(B, L + N)
+        for kv in cache.k + cache.v:
+            kv.normal_()
+        q = torch.randn(B, cfg.num_attention_heads, 1, cfg.head_dim, device=device)
+        gqa = cfg.num_key_value_heads != cfg.num_attention_heads
+        times = []
+        for _ in range(reps + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            for S in range(L + 1, L + N):
+                for k, v in zip(cache.k, cache.v):
+                    F.scaled_dot_product_attention(q, k[:, :, :S], v[:, :, :S], enable_gqa=gqa)
+            sync(device)
+            times.append((time.perf_counter() - t0) / (N - 1))
+        return statistics.median(times[1:])
+
     with tempfile.TemporaryDirectory() as tmp:
         if "1" not in skip:
             hf, ours = random_gpt2(tmp + "/big", device, 0, bos_token_id=0, eos_token_id=0)
             print(f"(1) GPT-2 124M shape: {ours.num_params() / 1e6:.1f}M parameters")
-            t = ours_vs_hf(hf, ours, args.batch_large, f"(1) 124M, B={args.batch_large}", args.reps_large)
+            t, _ = ours_vs_hf(hf, ours, args.batch_large, f"(1) 124M, B={args.batch_large}", args.reps_large)
             f_linear = weight_floor(ours, args.batch_large, 10, F.linear)
             f_ours = weight_floor(ours, args.batch_large, 10, linear)
             hf_step, our_step = statistics.median(t["hf"]) / N, statistics.median(t["ours"]) / N
@@ -143,7 +181,15 @@ def main():
         B = args.batch_small
         print(f"(2-4) small model: {ours.num_params() / 1e6:.2f}M parameters, B={B}")
         if "2" not in skip:
-            ours_vs_hf(hf, ours, B, f"(2) 1M, B={B}", args.reps)
+            t, variants = ours_vs_hf(hf, ours, B, f"(2) 1M, B={B}", args.reps)
+            t1 = measure(variants, 1, args.reps, device, warmup_tokens=1)       # prefill + one sampled token
+            med = statistics.median
+            pre = {k: med(t1[k]) for k in t1}
+            step = {k: (med(t[k]) - pre[k]) / (N - 1) for k in t}
+            print(f"(2) prefill: transformers {pre['hf'] * 1e3:.1f} ms, ours {pre['ours'] * 1e3:.1f} ms; per decode "
+                  f"step: transformers {step['hf'] * 1e3:.2f} ms, ours {step['ours'] * 1e3:.2f} ms, of which alone: "
+                  f"matmuls {weight_floor(ours, B, 20, linear) * 1e3:.2f} ms (weights in cache), attention "
+                  f"{attention_floor(ours, B, 3) * 1e3:.2f} ms")
         g = torch.Generator(device).manual_seed(0)
         ids = torch.randint(0, ours.config.vocab_size, (B, args.prompt), generator=g, device=device)
         prompts = ids.tolist()
@@ -157,6 +203,10 @@ def main():
                          "nocache": lambda n: nocache_generate([ours, ours_b], 0.25, ids, n, g)},
                         N, args.nocache_reps, device)
             record(f"(4) mixture 1M x2, B={B}", "no-cache mixture", B, t["nocache"], t["ours"])
+        if "5" not in skip:
+            hf, ours = arena_models(device)
+            print(f"(5) arena SFT model: {ours.num_params() / 1e6:.2f}M parameters, {type(hf).__name__}, B={B}")
+            ours_vs_hf(hf, ours, B, f"(5) arena 0.89M, B={B}", args.reps)
 
     print(f"\n| {'benchmark':<24} | {'baseline':<21} | {'baseline tok/s':>14} | {'ours tok/s':>10} "
           f"| {'ratio (median)':>14} | {'ratio (best)':>12} |")

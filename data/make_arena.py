@@ -4,7 +4,11 @@
 
 Deterministic for a seed: numpy and torch generators seeded here, deterministic algorithms, torch pinned to 1 CPU
 thread (a fixed thread count fixes the reduction order; and on the shared 2-core machine 2 OpenMP threads ran
-2-30x slower under load). The committed files are the output of the command above (5-6 minutes). Steps:
+2-30x slower under load); 3-7 minutes wall on the 2-core box, depending on its load. The committed files were
+written by this command at commit 1f442fe. Later changes to the rounding of the code it trains with
+(common/model.py, common/losses.py) make it write a different SFT model today: max |Δweight| 0.57 at 2ea7656 and
+0.59 at 690a3b1, tokenizer and configs unchanged. The README's arena section records this; every figure in the
+README uses the committed files. Steps:
 
 1. Games (contract 2 of DESIGN.md). 96 hand-written prompts with 3–10 short candidate answers each, 24 per
    family; the preference matrices are synthetic (drawn here, not elicited), P + Pᵀ = 1, diagonal ½:

@@ -61,6 +61,17 @@ def test_one_exact_update_equals_eq5(tmp_path, random_games, eta):
         assert np.abs(np.array(got[g.id]) - want).max() <= 1e-6
         assert np.abs(want - g.ref).max() > 1e-2  # the update moved: the check is not vacuous
 
+def test_exact_loss_makes_no_cpu_only_tensors(random_games):
+    """--pairs exact runs where the policy lives (setup_world picks CUDA when there is one): on the meta device, any
+    tensor the loss builds on the CPU (e.g. a torch.eye without device=) raises a device mismatch."""
+    from common.policy import TabularPolicy
+    games = load_games(random_games)
+    pol = TabularPolicy(games).to("meta")
+    P = torch.tensor(np.stack([g.P for g in games]), device="meta")
+    loss = inpo.exact_loss(pol, pol, pol, P, 0.15, 0.1)
+    assert loss.device.type == "meta" and loss.shape == ()
+
+
 
 def iterate_eq5(P, ref, tau, eta_of_t, T):
     pi, P, ref = torch.tensor(ref), torch.tensor(P), torch.tensor(ref)
@@ -241,7 +252,8 @@ def bad_games(tmp_path):
     return str(f)
 
 
-@pytest.mark.parametrize("case", ["games", "prompts", "arena-prompt", "judge", "model", "pairs", "flag", "samples"])
+@pytest.mark.parametrize("case", ["games", "prompts", "arena-prompt", "judge", "model", "pairs", "flag", "samples",
+                                  "labels"])
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case):
     run_dir = tmp_path / "run"
     argv = {"games": ["--policy", "tabular", "--games", bad_games(tmp_path)],
@@ -251,7 +263,8 @@ def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case):
             "model": ["--model", str(tmp_path)],
             "pairs": ["--pairs", "exact"],
             "flag": ["--eta", "fast"],
-            "samples": ["--samples-per-prompt", "1"]}[case]
+            "samples": ["--samples-per-prompt", "1"],
+            "labels": ["--pairs", "tournament", "--labels", "expected"]}[case]
     (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\nnot json\n')
     (tmp_path / "q.jsonl").write_text('{"prompt": "not an arena prompt"}\n')
     r = run_script("inpo.py", *argv, "--run-dir", str(run_dir), "--iterations", "1")
@@ -260,7 +273,8 @@ def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     expected = {"games": "bad.json", "prompts": "p.jsonl:2", "arena-prompt": "use --judge rm:DIR",
                 "judge": "--judge", "model": "config.json",
-                "pairs": "--pairs exact", "flag": "--eta", "samples": "--samples-per-prompt"}[case]
+                "pairs": "--pairs exact", "flag": "--eta", "samples": "--samples-per-prompt",
+                "labels": "--labels expected"}[case]
     assert expected in lines[0]
     assert not run_dir.exists() and not os.path.exists(str(run_dir) + ".incomplete")
 

@@ -82,6 +82,19 @@ def test_one_exact_dno_update_equals_eq9(tmp_path, random_games):
         assert np.abs(np.array(got[g.id]) - want).max() <= 1e-6
         assert np.abs(want - g.ref).max() > 1e-2
 
+@pytest.mark.parametrize("soft", [True, False])
+def test_exact_loss_makes_no_cpu_only_tensors(random_games, soft):
+    """--pairs exact runs where the policy lives (setup_world picks CUDA when there is one): on the meta device, any
+    tensor the loss builds on the CPU (e.g. a torch.eye without device=) raises a device mismatch."""
+    from common.arena import load_games
+    from common.policy import TabularPolicy
+    games = load_games(random_games)
+    pol = TabularPolicy(games).to("meta")
+    P = torch.tensor(np.stack([g.P for g in games]), device="meta")
+    loss = nash_dpo.exact_loss(pol, pol, pol, P, 0.1, soft)
+    assert loss.device.type == "meta" and loss.shape == ()
+
+
 
 def test_exact_dno_iterates_chase_the_unregularized_winner(tmp_path, bt_games):
     """Eq. (9) iterated on a Bradley–Terry game has no π_ref term: the iterates concentrate on the best answer, so the
