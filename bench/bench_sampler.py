@@ -14,19 +14,22 @@ budget), with torch's default thread count. After a short warm-up call of each v
 variants are interleaved; tokens/s come from the median time, and two ratios are printed: of the median
 times and of the best times (on a shared machine, other processes only ever slow a run down).
 
-  PYTHONPATH=. python bench/bench_sampler.py [--device cpu] [--reps 5] [--reps-large 2] [--new 64] [--skip 1]
+  python bench/bench_sampler.py [--device cpu] [--reps 5] [--reps-large 2] [--new 64] [--skip 1]
 """
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from common.model import from_pretrained, linear
-from common.sampler import filter_logits, generate, generate_mixture, mixture_logits, sample
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.model import from_pretrained, linear  # noqa: E402
+from common.sampler import filter_logits, generate, generate_mixture, mixture_logits, sample  # noqa: E402
 
 
 def sync(device):
