@@ -2,9 +2,9 @@
 
   (1) generate vs transformers' generate, GPT-2-124M-shaped random weights (GPT2Config() defaults), B=8; also the
       time of the step's matmuls alone (every weight read once) in the two GEMM forms of common.model.linear
-  (2) the same on a ~1M-parameter GPT-2-shaped model, B=64; also where the time goes: the prefill and the per-token
-      decode step of each side (from calls of 1 and of N new tokens), and two parts of our step measured alone
-      (its matmuls with the weights in cache; the attention over each layer's cache at the run's lengths)
+  (2) the same on a ~1M-parameter GPT-2-shaped model, B=64; also where the time goes: a 1-token call (the prefill)
+      and a decode step ((N-token call - 1-token call) / (N - 1)) of each side, and two parts of our step measured
+      alone (its matmuls with the weights in cache; the attention over each layer's cache at the run's lengths)
   (3) generate (KV cache) vs a no-cache loop (full forward over the whole prefix for every token), ~1M model
   (4) generate_mixture (one KV cache per model) vs a no-cache mixture loop (both models over the prefix)
   (5) as (2) on the arena's SFT model (data/arena: Llama shape, RoPE, RMSNorm, SwiGLU, GQA, 0.89M trained
@@ -189,7 +189,8 @@ def main():
             med = statistics.median
             pre = {k: med(t1[k]) for k in t1}
             step = {k: (med(t[k]) - pre[k]) / (N - 1) for k in t}
-            print(f"(2) prefill: transformers {pre['hf'] * 1e3:.1f} ms, ours {pre['ours'] * 1e3:.1f} ms; per decode "
+            print(f"(2) a 1-token call (prefill + one draw): transformers {pre['hf'] * 1e3:.1f} ms, ours "
+                  f"{pre['ours'] * 1e3:.1f} ms; per decode "
                   f"step: transformers {step['hf'] * 1e3:.2f} ms, ours {step['ours'] * 1e3:.2f} ms, of which alone: "
                   f"matmuls {weight_floor(ours, B, 20, linear) * 1e3:.2f} ms (weights in cache), attention "
                   f"{attention_floor(ours, B, 3) * 1e3:.2f} ms")
