@@ -59,6 +59,16 @@ def random_games(tmp_path):
     return write_games(tmp_path / "games.json", Ps, refs=refs)
 
 
+def meta_tabular(games_path):
+    """A TabularPolicy over the games file and its (G, n, n) matrices, both on the meta device: an exact loss run on
+    them raises if it builds any tensor on the CPU (as a CUDA run would)."""
+    import torch
+    from common.arena import load_games
+    from common.policy import TabularPolicy
+    games = load_games(games_path)
+    return TabularPolicy(games).to("meta"), torch.tensor(np.stack([g.P for g in games]), device="meta")
+
+
 def run_script(*argv, timeout=600):
     """Run a top-level script in a subprocess from the repo root; returns CompletedProcess."""
     env = dict(os.environ, PYTHONPATH=ROOT)

@@ -9,7 +9,8 @@ import torch
 import inpo
 from common.arena import dual_gap, equilibrium, load_games
 from common.judges import ArenaJudge
-from conftest import check_lm_runs, check_real_world_run, cyclic_P, read_metrics, read_policy, run_script
+from conftest import (check_lm_runs, check_real_world_run, cyclic_P, meta_tabular, read_metrics, read_policy,
+                      run_script)
 
 
 def run_inpo(tmp_path, name="run", **kw):
@@ -64,10 +65,7 @@ def test_one_exact_update_equals_eq5(tmp_path, random_games, eta):
 def test_exact_loss_makes_no_cpu_only_tensors(random_games):
     """--pairs exact runs where the policy lives (setup_world picks CUDA when there is one): on the meta device, any
     tensor the loss builds on the CPU (e.g. a torch.eye without device=) raises a device mismatch."""
-    from common.policy import TabularPolicy
-    games = load_games(random_games)
-    pol = TabularPolicy(games).to("meta")
-    P = torch.tensor(np.stack([g.P for g in games]), device="meta")
+    pol, P = meta_tabular(random_games)
     loss = inpo.exact_loss(pol, pol, pol, P, 0.15, 0.1)
     assert loss.device.type == "meta" and loss.shape == ()
 

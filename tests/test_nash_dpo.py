@@ -11,8 +11,8 @@ import torch
 import nash_dpo
 from common.judges import Judge
 from common.policy import Samples
-from conftest import (bt_P, check_lm_runs, check_real_world_run, random_P, read_metrics, read_policy, run_script,
-                      write_games)
+from conftest import (bt_P, check_lm_runs, check_real_world_run, meta_tabular, random_P, read_metrics, read_policy,
+                      run_script, write_games)
 
 
 def run_dno(tmp_path, name="run", **kw):
@@ -86,11 +86,7 @@ def test_one_exact_dno_update_equals_eq9(tmp_path, random_games):
 def test_exact_loss_makes_no_cpu_only_tensors(random_games, soft):
     """--pairs exact runs where the policy lives (setup_world picks CUDA when there is one): on the meta device, any
     tensor the loss builds on the CPU (e.g. a torch.eye without device=) raises a device mismatch."""
-    from common.arena import load_games
-    from common.policy import TabularPolicy
-    games = load_games(random_games)
-    pol = TabularPolicy(games).to("meta")
-    P = torch.tensor(np.stack([g.P for g in games]), device="meta")
+    pol, P = meta_tabular(random_games)
     loss = nash_dpo.exact_loss(pol, pol, pol, P, 0.1, soft)
     assert loss.device.type == "meta" and loss.shape == ()
 
