@@ -59,32 +59,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
-from common.policy import unique_responses
-from common.run import RunDir, batched_logprobs, comparison_table, fail, parse_args, setup_world
+from common.policy import backward_in_micro_batches, unique_responses
+from common.run import RunDir, WorldArgs, batched_logprobs, cli, comparison_table, fail, setup_world
 
 
 @dataclass
-class Args:
-    seed: int = 1
-    """seed of every random draw (sampling, labels, minibatch order); CPU runs are bitwise reproducible"""
-    policy: str = "lm"
-    """lm (a causal LM; the arena SFT model by default) or tabular (one logit table per game)"""
-    games: str | None = None
-    """games file for evaluation, the tabular actions and the arena judge (default data/arena/games.json)"""
-    model: str | None = None
-    """HF-layout model folder to start from and regularize to (default data/arena, the arena SFT model)"""
-    judge: str = "arena"
-    """preference oracle: arena (the games' matrices) or rm:DIR (a Bradley-Terry reward model folder)"""
-    prompts: str | None = None
-    """.jsonl of {"prompt": ...} to train on (real-checkpoint world; default: the games' train split)"""
-    run_dir: str | None = None
-    """output folder (default runs/inpo__<seed>__<time>)"""
-    device: str | None = None
-    """cpu or cuda (default cuda when available; bf16 autocast there)"""
-    threads: int = 2
-    """CPU threads of torch (the defaults are sized for 2 cores; bench/arena_table.py runs 2 jobs of 1 thread)"""
+class Args(WorldArgs):
     iterations: int = 6
     """T of Algorithm 1"""
     pairs: str = "all"
@@ -260,15 +241,19 @@ def main(args: Args):
     shuffle_gen = torch.Generator().manual_seed(args.seed)  # minibatch order (CPU, whatever the device)
     if args.pairs == "exact":  # the training games' matrices, (G, n, n) zero-padded (other games: weight 0)
         exact_P = policy.matrices(world.prompts)
-    run = RunDir(args, "inpo")
-    ref_metrics = world.evaluate(policy)
-    run.log({"iteration": 0, **ref_metrics})
-    metrics = ref_metrics
+    run = RunDir(args, "inpo")  # --resume: the interrupted run's folder
+    players, gens = {"policy": policy}, {"sample": gen, "shuffle": shuffle_gen}
+    run.restore(players, gens)        # --resume: the state after the last complete iteration
+    if not run.rows:
+        run.log({"iteration": 0, **world.evaluate(policy)})
+    ref_metrics, metrics = run.rows[0], run.rows[-1]
 
-    bar = tqdm(range(1, args.iterations + 1), desc="inpo", unit="iter")
+    bar = run.iterations(args.iterations, "inpo")
     for t in bar:
         eta = eta_at(args, t)
-        pi_t = policy.frozen_copy()
+        # π_t: sampled and scored before the first update, so the policy itself (no copy); the exact loss reads π_t
+        # during the updates (a table: a copy costs nothing)
+        pi_t = policy.frozen_copy() if args.pairs == "exact" else policy
         t0 = time.perf_counter()
         # sample + judge + pairs -----------------------------------------------------------------------------
         with world.autocast():
@@ -313,18 +298,20 @@ def main(args: Args):
                 for mb in minibatches(args, n_pairs, group[win] if args.pairs == "all" else None, shuffle_gen):
                     w, l = win[mb], lose[mb]
                     rows, pos = torch.unique(torch.cat([w, l]), return_inverse=True)  # each response scored once
-                    with world.autocast():
-                        lp = policy.logprobs(y.select(rows))[pos]
                     B = len(mb)
-                    dev = lp.device
-                    loss, h = inpo_loss(lp[:B], lp[B:], ref_lp[w].to(dev), ref_lp[l].to(dev),
-                                        prev[w].to(dev), prev[l].to(dev), eta, args.tau,
-                                        None if weights is None else weights[mb].to(dev, lp.dtype))
+
+                    def loss_of(lp_rows):                   # ℓ_θ of the distinct responses -> Eq. (8) on the pairs
+                        lp, dev = lp_rows[pos.to(lp_rows.device)], lp_rows.device
+                        return inpo_loss(lp[:B], lp[B:], ref_lp[w].to(dev), ref_lp[l].to(dev),
+                                         prev[w].to(dev), prev[l].to(dev), eta, args.tau,
+                                         None if weights is None else weights[mb].to(dev, lp.dtype))
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    loss, _ = backward_in_micro_batches(policy, y.select(rows), loss_of, args.micro_batch,
+                                                        autocast=world.autocast)
                     opt.step()
-                    stats.append(loss.detach())
+                    stats.append(loss)
         t_train = time.perf_counter() - t0
+        run.check_finite(t, stats, policy)   # NaN / inf: stop here, keep the last good checkpoint
         # eval --------------------------------------------------------------------------------------------------
         t0 = time.perf_counter()
         metrics = world.evaluate(policy)
@@ -333,6 +320,7 @@ def main(args: Args):
                "train/pairs": n_pairs, "train/unique": n_unique, "train/eta": eta, "train/tau": args.tau,
                "perf/sample_s": t_sample, "perf/train_s": t_train, "perf/eval_s": time.perf_counter() - t0}
         run.log(row)
+        run.checkpoint(t, players, gens)
         bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4f}" for k in ("eval/dual_gap", "eval/win_vs_ref")
                          if k in metrics})
 
@@ -345,4 +333,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    cli(main, Args)

@@ -60,31 +60,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from common.run import RunDir, batched_logprobs, comparison_table, fail, parse_args, setup_world
+from common.policy import backward_in_micro_batches
+from common.run import RunDir, WorldArgs, batched_logprobs, cli, comparison_table, fail, setup_world
 
 
 @dataclass
-class Args:
-    seed: int = 1
-    """seed of every random draw (sampling, labels, minibatch order); CPU runs are bitwise reproducible"""
-    policy: str = "lm"
-    """lm (a causal LM; the arena SFT model by default) or tabular (one logit table per game)"""
-    games: str | None = None
-    """games file for evaluation, the tabular actions and the arena judge (default data/arena/games.json)"""
-    model: str | None = None
-    """HF-layout model folder to start from and regularize to (default data/arena, the arena SFT model)"""
-    judge: str = "arena"
-    """preference oracle: arena (the games' matrices) or rm:DIR (a Bradley-Terry reward model folder)"""
-    prompts: str | None = None
-    """.jsonl of {"prompt": ...} to train on (real-checkpoint world; default: the games' train split)"""
-    run_dir: str | None = None
-    """output folder (default runs/nash_dpo__<seed>__<time>)"""
-    device: str | None = None
-    """cpu or cuda (default cuda when available; bf16 autocast there)"""
-    threads: int = 2
-    """CPU threads of torch (the defaults are sized for 2 cores; bench/arena_table.py runs 2 jobs of 1 thread)"""
+class Args(WorldArgs):
     iterations: int = 6
     """T: number of iterations (π_{t+1} is trained from π_t)"""
     ref: str = "prev"
@@ -228,14 +210,18 @@ def main(args: Args):
     shuffle_gen = torch.Generator().manual_seed(args.seed)  # minibatch order (CPU, whatever the device)
     if args.pairs == "exact":  # the training games' matrices, (G, n, n) zero-padded (other games: weight 0)
         exact_P = policy.matrices(world.prompts)
-    run = RunDir(args, "nash_dpo")
-    ref_metrics = world.evaluate(policy)
-    run.log({"iteration": 0, **ref_metrics})
-    metrics = ref_metrics
+    run = RunDir(args, "nash_dpo")  # --resume: the interrupted run's folder
+    players, gens = {"policy": policy}, {"sample": gen, "shuffle": shuffle_gen}
+    run.restore(players, gens)        # --resume: the state after the last complete iteration
+    if not run.rows:
+        run.log({"iteration": 0, **world.evaluate(policy)})
+    ref_metrics, metrics = run.rows[0], run.rows[-1]
 
-    bar = tqdm(range(1, args.iterations + 1), desc="nash_dpo", unit="iter")
+    bar = run.iterations(args.iterations, "nash_dpo")
     for t in bar:
-        pi_t = policy.frozen_copy()
+        # π_t: sampled and scored before the first update, so the policy itself (no copy); the exact loss reads π_t
+        # during the updates (a table: a copy costs nothing)
+        pi_t = policy.frozen_copy() if args.pairs == "exact" else policy
         anchor = pi_t if args.ref == "prev" else ref
         t0 = time.perf_counter()
         # sample + judge + pairs -----------------------------------------------------------------------------
@@ -280,17 +266,19 @@ def main(args: Args):
                 for s in range(0, n_pairs, args.batch_size):
                     mb = order[s:s + args.batch_size]
                     w, l = chosen[mb], rejected[mb]
-                    with world.autocast():
-                        lp = policy.logprobs(y.select(torch.cat([w, l])))
                     B = len(mb)
-                    dev = lp.device
-                    loss, margin = dpo_loss(lp[:B], lp[B:], anchor_lp[w].to(dev), anchor_lp[l].to(dev), args.eta)
+
+                    def loss_of(lp):                         # ℓ_θ of chosen, then rejected -> Eq. (13)
+                        dev = lp.device
+                        return dpo_loss(lp[:B], lp[B:], anchor_lp[w].to(dev), anchor_lp[l].to(dev), args.eta)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    loss, margin = backward_in_micro_batches(policy, y.select(torch.cat([w, l])), loss_of,
+                                                             args.micro_batch, autocast=world.autocast)
                     opt.step()
-                    stats.append(loss.detach())
+                    stats.append(loss)
                     margins.append(margin.mean())
         t_train = time.perf_counter() - t0
+        run.check_finite(t, stats, policy)   # NaN / inf: stop here, keep the last good checkpoint
         # eval --------------------------------------------------------------------------------------------------
         t0 = time.perf_counter()
         metrics = world.evaluate(policy)
@@ -300,6 +288,7 @@ def main(args: Args):
                "train/pairs": n_pairs, "train/eta": args.eta, **extra,
                "perf/sample_s": t_sample, "perf/train_s": t_train, "perf/eval_s": time.perf_counter() - t0}
         run.log(row)
+        run.checkpoint(t, players, gens)
         bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4f}" for k in ("eval/dual_gap", "eval/win_vs_ref")
                          if k in metrics})
 
@@ -312,4 +301,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    cli(main, Args)

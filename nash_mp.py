@@ -58,32 +58,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
-from common.policy import unique_responses
-from common.run import RunDir, comparison_table, fail, parse_args, setup_world
+from common.policy import backward_in_micro_batches, unique_responses
+from common.run import RunDir, WorldArgs, batched_logprobs, cli, comparison_table, fail, setup_world
 
 
 @dataclass
-class Args:
-    seed: int = 1
-    """seed of every random draw (sampling, labels); CPU runs are bitwise reproducible"""
-    policy: str = "lm"
-    """lm (a causal LM; the arena SFT model by default) or tabular (one logit table per game)"""
-    games: str | None = None
-    """games file for evaluation, the tabular actions and the arena judge (default data/arena/games.json)"""
-    model: str | None = None
-    """HF-layout model folder to start from and regularize to (default data/arena, the arena SFT model)"""
-    judge: str = "arena"
-    """preference oracle: arena (the games' matrices) or rm:DIR (a Bradley-Terry reward model folder)"""
-    prompts: str | None = None
-    """.jsonl of {"prompt": ...} to train on (real-checkpoint world; default: the games' train split)"""
-    run_dir: str | None = None
-    """output folder (default runs/nash_mp__<seed>__<time>)"""
-    device: str | None = None
-    """cpu or cuda (default cuda when available; bf16 autocast there)"""
-    threads: int = 2
-    """CPU threads of torch (the defaults are sized for 2 cores; bench/arena_table.py runs 2 jobs of 1 thread)"""
+class Args(WorldArgs):
     iterations: int = 7
     """mirror-prox iterations k, each two proximal steps of `inner_steps` policy-gradient steps; every inner step
     judges each distinct sample against each distinct opponent sample of its prompt"""
@@ -175,46 +156,52 @@ def opponent_reward(u, group, y_opp, K_opp, judge):
     return torch.zeros(len(u), dtype=p.dtype).index_add_(0, a, o_counts[b].to(p) * p) / K_opp
 
 
+def opponent_samples(opponent, world, args):
+    """K_opp responses per prompt of the opponent of a proximal step, drawn once at its start (deviation 3)."""
+    with world.autocast():
+        return opponent.sample(world.prompts, args.opponent_samples, generator=world.generator,
+                               temperature=args.temperature)
+
+
 def pg_step(policy, anchor, ref, opponent, world, args, exact=False):
     """One proximal step by policy gradient: policy starts at π^k's parameters (the caller's job) and takes
-    args.inner_steps Adam steps on pg_loss. Sampled (exact=False): the opponent's K_opp responses per prompt are drawn
-    once; each step draws K fresh responses per prompt from π_θ, scores each distinct one once (weighted by its
-    count) and baselines it with the leave-one-out mean return of its prompt. exact=True (tabular): every action
-    weighted by π_θ(y) against the opponent's exact mixture. Returns mean stats."""
+    args.inner_steps Adam steps on pg_loss. Sampled (exact=False): `opponent` holds the opponent's K_opp responses per
+    prompt (opponent_samples()); each step draws K fresh responses per prompt from π_θ, scores each distinct one once
+    (weighted by its count) and baselines it with the leave-one-out mean return of its prompt. exact=True (tabular):
+    `opponent` is the opponent policy, every action weighted by π_θ(y) against its exact mixture. Returns mean stats."""
     opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
     gen, judge = world.generator, world.judge
     K, K_opp = args.samples_per_prompt, args.opponent_samples
-    if not exact:
-        with world.autocast():
-            y_opp = opponent.sample(world.prompts, K_opp, generator=gen, temperature=args.temperature)
     stats = []
     for _ in range(args.inner_steps):
         with world.autocast():
             if exact:
                 y, weights, reward = exact_batch(policy, opponent, world)
-                baseline = None
+                group = None
             else:
                 y = policy.sample(world.prompts, K, generator=gen, temperature=args.temperature)
                 rows, weights = unique_responses(y, K)
                 group = rows // K
                 y = y.select(rows)
-                reward = opponent_reward(y, group, y_opp, K_opp, judge)
-            with torch.no_grad():
-                ref_tok, anchor_tok = ref.token_logprobs(y), anchor.token_logprobs(y)
-            policy_tok = policy.token_logprobs(y)
-        dev = policy_tok.device
-        ref_tok, anchor_tok, mask = ref_tok.to(policy_tok), anchor_tok.to(policy_tok), y.token_mask.to(dev)
-        reward = reward.to(dev, policy_tok.dtype)
-        if not exact:
-            R = sequence_return(policy_tok, ref_tok, anchor_tok, mask, reward, args.beta, args.eta)
-            baseline = leave_one_out(R, weights.to(dev), group.to(dev), K)
-        loss, kl_ref, kl_anchor = pg_loss(policy_tok, ref_tok, anchor_tok, mask, reward, args.beta, args.eta,
-                                          weights.to(dev, policy_tok.dtype), baseline)
+                reward = opponent_reward(y, group, opponent, K_opp, judge)
+            ref_tok = batched_logprobs(ref, y, len(y), per_token=True)          # chunks of infer_batch rows
+            anchor_tok = batched_logprobs(anchor, y, len(y), per_token=True)
+
+        def loss_of(policy_tok):            # per-token ℓ_θ (U, T) -> the surrogate (the returns use it detached)
+            dev = policy_tok.device
+            r_tok, a_tok, mask = ref_tok.to(policy_tok), anchor_tok.to(policy_tok), y.token_mask.to(dev)
+            rew, w = reward.to(dev, policy_tok.dtype), weights.to(dev, policy_tok.dtype)
+            baseline = None
+            if not exact:
+                R = sequence_return(policy_tok, r_tok, a_tok, mask, rew, args.beta, args.eta)
+                baseline = leave_one_out(R, weights.to(dev), group.to(dev), K)
+            loss, kl_ref, kl_anchor = pg_loss(policy_tok, r_tok, a_tok, mask, rew, args.beta, args.eta, w, baseline)
+            return loss, torch.stack([(w * rew).sum() / w.sum(), kl_ref, kl_anchor])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, aux = backward_in_micro_batches(policy, y, loss_of, args.micro_batch, per_token=True,
+                                              autocast=world.autocast)
         opt.step()
-        w = weights.to(dev, policy_tok.dtype)
-        stats.append(torch.stack([loss.detach(), (w * reward).sum() / w.sum(), kl_ref, kl_anchor]))
+        stats.append(torch.cat([loss[None], aux.detach()]))
     return torch.stack(stats).mean(0).tolist()
 
 
@@ -267,15 +254,16 @@ def main(args: Args):
     if args.beta <= 0 or args.eta <= 0:
         fail(f"need beta > 0 and eta > 0 (got beta={args.beta}, eta={args.eta})")
     policy, ref = world.policy, world.ref
-    run = RunDir(args, "nash_mp")
-    ref_metrics = world.evaluate(policy)
-    run.log({"iteration": 0, **ref_metrics})
-    metrics = ref_metrics
+    run = RunDir(args, "nash_mp")  # --resume: the interrupted run's folder
+    players, gens = {"policy": policy}, {"sample": world.generator}
+    run.restore(players, gens)        # --resume: the state after the last complete iteration
+    if not run.rows:
+        run.log({"iteration": 0, **world.evaluate(policy)})
+    ref_metrics, metrics = run.rows[0], run.rows[-1]
 
-    bar = tqdm(range(1, args.iterations + 1), desc="nash_mp", unit="iter")
+    bar = run.iterations(args.iterations, "nash_mp")
     for k in bar:
-        pi_k = policy.frozen_copy()                   # the anchor of both proximal steps
-        anchor_state = {n: p.detach().clone() for n, p in policy.state_dict().items()}
+        pi_k = policy.frozen_copy()   # the anchor of both proximal steps, read at every inner step: the one copy kept
         t0 = time.perf_counter()
         row = {"iteration": k}
         # sample + judge + loss + update: half step (opponent π^k), then full step (opponent π^{k+½}) ------------
@@ -283,13 +271,16 @@ def main(args: Args):
             closed_form_update(policy, pi_k, ref, world, args)
         else:
             exact = args.step == "pg-exact"
-            half_stats = pg_step(policy, pi_k, ref, pi_k, world, args, exact)
-            pi_half = policy.frozen_copy()
-            policy.load_state_dict(anchor_state)      # the full step starts again from π^k's parameters
-            full_stats = pg_step(policy, pi_k, ref, pi_half, world, args, exact)
+            half_opp = pi_k if exact else opponent_samples(policy, world, args)
+            half_stats = pg_step(policy, pi_k, ref, half_opp, world, args, exact)
+            # π^{k+½} plays the full step only through its samples, drawn now (a table: its copy)
+            full_opp = policy.frozen_copy() if exact else opponent_samples(policy, world, args)
+            policy.load_state_dict(pi_k.state_dict())  # the full step starts again from π^k's parameters
+            full_stats = pg_step(policy, pi_k, ref, full_opp, world, args, exact)
             for name, h, f in zip(("loss", "reward", "kl_ref", "kl_anchor"), half_stats, full_stats):
                 row[f"train/half/{name}"], row[f"train/full/{name}"] = h, f
         t_train = time.perf_counter() - t0
+        run.check_finite(k, [v for k_, v in row.items() if k_.startswith("train/")], policy)  # NaN / inf: stop
         # eval --------------------------------------------------------------------------------------------------
         t0 = time.perf_counter()
         metrics = world.evaluate(policy)
@@ -297,6 +288,7 @@ def main(args: Args):
         row.update({"train/beta": args.beta, "train/eta": args.eta, "perf/train_s": t_train,
                     "perf/eval_s": time.perf_counter() - t0})
         run.log(row)
+        run.checkpoint(k, players, gens)
         bar.set_postfix({k_.split("/")[-1]: f"{metrics[k_]:.4f}" for k_ in ("eval/dual_gap", "eval/win_vs_ref")
                          if k_ in metrics})
 
@@ -309,4 +301,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    cli(main, Args)

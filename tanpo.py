@@ -76,32 +76,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from common.policy import Samples
-from common.run import RunDir, batched_logprobs, comparison_table, fail, parse_args, setup_world
+from common.policy import Samples, backward_in_micro_batches
+from common.run import RunDir, WorldArgs, batched_logprobs, cli, comparison_table, fail, setup_world
 
 
 @dataclass
-class Args:
-    seed: int = 1
-    """seed of every random draw (sampling, labels, minibatch order); CPU runs are bitwise reproducible"""
-    policy: str = "lm"
-    """lm (a causal LM; the arena SFT model by default) or tabular (one logit table per game)"""
-    games: str | None = None
-    """games file for evaluation, the tabular actions and the arena judge (default data/arena/games.json)"""
-    model: str | None = None
-    """HF-layout model folder to start from and regularize to (default data/arena, the arena SFT model)"""
-    judge: str = "arena"
-    """preference oracle: arena (the games' matrices) or rm:DIR (a Bradley-Terry reward model folder)"""
-    prompts: str | None = None
-    """.jsonl of {"prompt": ...} to train on (real-checkpoint world; default: the games' train split)"""
-    run_dir: str | None = None
-    """output folder (default runs/tanpo__<seed>__<time>, runs/sadpo__… with --single-agent)"""
-    device: str | None = None
-    """cpu or cuda (default cuda when available; bf16 autocast there)"""
-    threads: int = 2
-    """CPU threads of torch (the defaults are sized for 2 cores; bench/arena_table.py runs 2 jobs of 1 thread)"""
+class Args(WorldArgs):
     iterations: int = 6
     """T: self-play iterations (sample, label, update the max-player, then the min-player)"""
     single_agent: bool = False
@@ -206,19 +187,19 @@ def update(player, D, D_ref, n_new, world, args, gen, bonus=None, c=0.0):
         for s in range(0, n_new, args.batch_size):
             mb = order[s:s + args.batch_size]
             rows = torch.cat([2 * mb, 2 * mb + 1])                      # winners, then losers
-            bonus_rows = None if bonus is None else torch.randperm(len(bonus), generator=gen)[:args.batch_size]
-            with world.autocast():
-                lp = player.logprobs(D.select(rows))                                       # (2B,) ℓ_θ
-                bonus_lp = None if bonus is None else player.logprobs(bonus.select(bonus_rows))  # (≤ batch,)
             B = len(mb)
-            ref_lp = D_ref[rows].to(lp)
-            loss, _ = dpo_loss(lp[:B], lp[B:], ref_lp[:B], ref_lp[B:], args.alpha)
+            ref_lp = D_ref[rows]
+
+            def loss_of(lp, bonus_lp=None):   # lp (2B,) ℓ_θ of the pairs; bonus_lp (≤ batch,) ℓ_θ of bonus samples
+                loss, _ = dpo_loss(lp[:B], lp[B:], ref_lp[:B].to(lp), ref_lp[B:].to(lp), args.alpha)
+                return (loss if bonus_lp is None else loss + exploration_bonus(bonus_lp, c)), None
+            batch = D.select(rows)
             if bonus is not None:
-                loss = loss + exploration_bonus(bonus_lp, c)
+                batch = (batch, bonus.select(torch.randperm(len(bonus), generator=gen)[:args.batch_size]))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, _ = backward_in_micro_batches(player, batch, loss_of, args.micro_batch, autocast=world.autocast)
             opt.step()
-            stats.append(loss.detach())
+            stats.append(loss)
     return torch.stack(stats).mean()
 
 
@@ -263,22 +244,30 @@ def main(args: Args):
         train_rows = exact_P.flatten(1).any(1)                              # (G,) games of world.prompts
         W_sum = torch.zeros_like(exact_P)
     algo = "sadpo" if args.single_agent else "tanpo"
-    run = RunDir(args, algo)
-    ref_metrics = world.evaluate(head)
+    run = RunDir(args, algo)  # --resume: the interrupted run's folder
+    players = {"policy": pi} if mu is None else {"max_player": pi, "min_player": mu}
+    gens = {"sample": gen, "shuffle": shuffle_gen}
+    state = run.restore(players, gens)  # --resume: the state after the last complete iteration (D included)
+    D, D_ref = state.get("D"), state.get("D_ref", torch.zeros(0))
+    if args.pairs == "exact":
+        W_sum = state.get("W_sum", W_sum).to(W_sum)
     as_max = lambda m: {k.replace("eval/", "eval_max/", 1): v for k, v in m.items()}  # the max-player's keys
-    run.log({"iteration": 0, **ref_metrics, **({} if mu is None else as_max(ref_metrics))})
-    metrics = max_metrics = ref_metrics
-    D, D_ref = None, torch.zeros(0)
+    if not run.rows:
+        ref_metrics = world.evaluate(head)
+        run.log({"iteration": 0, **ref_metrics, **({} if mu is None else as_max(ref_metrics))})
+    ref_metrics, metrics = run.rows[0], run.rows[-1]
+    max_metrics = {k.replace("eval_max/", "eval/", 1): v for k, v in metrics.items() if k.startswith("eval_max/")}
 
-    bar = tqdm(range(1, args.iterations + 1), desc=algo, unit="iter")
+    bar = run.iterations(args.iterations, algo)
     for t in bar:
         c = args.alpha / args.eta / t                               # c_t (deviation 2)
-        pi_t, mu_t = pi.frozen_copy(), None if mu is None else mu.frozen_copy()
+        # π_t, μ_t: sampled before the first update, so the players themselves (no copies kept)
+        pi_t, mu_t = pi, mu
         t0 = time.perf_counter()
         # sample + judge + pairs -----------------------------------------------------------------------------
         with world.autocast():
             if args.pairs == "exact":  # no samples: D_t is the mixture of the tempered pair distributions
-                p, q = tempered(pi_t, args.temperature_max), tempered(mu_t, args.temperature_min)
+                p, q = tempered(pi_t, args.temperature_max).detach(), tempered(mu_t, args.temperature_min).detach()
                 W_sum += exact_P * (p[:, :, None] * q[:, None, :] + q[:, :, None] * p[:, None, :])
                 l_ref = ref.log_probs().masked_fill(~ref.valid, 0.0)
                 gap = (l_ref[:, :, None] - l_ref[:, None, :]).abs()                        # |ℓ_ref(a) − ℓ_ref(b)|
@@ -326,6 +315,7 @@ def main(args: Args):
             key = "train/loss" if mu is None else "train/loss_min"
             row[key] = update(trained, D, D_ref, n_new, world, args, shuffle_gen, bonus, c)
         t_train = time.perf_counter() - t0
+        run.check_finite(t, [v for k, v in row.items() if k.startswith("train/")], *players.values())  # NaN: stop
         # eval --------------------------------------------------------------------------------------------------
         t0 = time.perf_counter()
         metrics = world.evaluate(head)
@@ -338,6 +328,8 @@ def main(args: Args):
                     "train/diversity": float(diversity), "perf/sample_s": t_sample, "perf/train_s": t_train,
                     "perf/eval_s": time.perf_counter() - t0})
         run.log(row)
+        extra = {"W_sum": W_sum} if args.pairs == "exact" else {"D": D, "D_ref": D_ref}
+        run.checkpoint(t, players, gens, extra)
         bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4f}" for k in ("eval/dual_gap", "eval/win_vs_ref")
                          if k in metrics})
 
@@ -360,4 +352,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    cli(main, Args)

@@ -28,6 +28,7 @@ garbage but finite and never used), so fully masked softmax rows — NaNs — ca
 Not implemented (a config asking for it raises, see _check_supported): sliding-window attention beyond the
 window, rope scaling types other than linear / llama3, Qwen3-MoE / Mixtral experts.
 """
+import contextlib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -225,7 +227,8 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies (head_dim/2,) of RoPE, with the config's scaling (RoFormer; Llama 3.1 report)."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # on the CPU even inside _meta_model(): meta-tensor arithmetic costs ~1 s (torch 2.13 imports torch._dynamo for it)
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     s = cfg.rope_scaling or {}
     kind = s.get("rope_type", s.get("type", "default"))
     if kind == "linear":
@@ -358,6 +361,7 @@ class Transformer(nn.Module):
         elif not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
+        self.grad_checkpoint = False   # True: recompute each block in backward (activation checkpointing)
 
     @staticmethod
     def _init_weights(m):
@@ -420,8 +424,12 @@ class Transformer(nn.Module):
             freqs = position_ids[..., None].float() * self.inv_freq.float()      # (B, T, hs/2)
             emb = torch.cat((freqs, freqs), dim=-1)[:, None]                     # (B, 1, T, hs)
             rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        recompute = self.grad_checkpoint and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, cache, i)
+            if recompute:  # keep only each block's input; its activations are recomputed in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, None, i, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, cache, i)
         if cache is not None:
             cache.pos = S
         return self.norm(x)
@@ -559,7 +567,7 @@ def from_hf_state_dict(cfg: ModelConfig, get, keys: set, source: str) -> dict:
         sd["norm.weight"], sd["norm.bias"] = need(p + "ln_f.weight"), need(p + "ln_f.bias")
     else:  # llama family: our names are transformers' minus the "model." prefix
         p = "model." if any(k.startswith("model.") for k in keys) else ""
-        with torch.device("meta"):
+        with _meta_model():
             names = Transformer(cfg).state_dict().keys()
         for k in names:
             if k in ("lm_head.weight", "score.weight"):
@@ -614,14 +622,35 @@ def _weight_files(path):
                             f"(only safetensors weights are read; .bin/.pt are never unpickled)")
 
 
+@contextlib.contextmanager
+def _meta_model():
+    """Build a Transformer on the meta device with its initializers as no-ops: it only receives checkpoint weights,
+    and initializing meta tensors costs ~1 s per process (torch 2.13 imports torch._dynamo for it)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda t, *args, **kw: t)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
 def from_pretrained(path, device="cpu", dtype=torch.float32) -> Transformer:
     """Load a HF-layout folder (config.json + model.safetensors or a sharded index) into a Transformer."""
     cfg = read_config(path)
     files = _weight_files(path)
-    handles = [safe_open(f, framework="pt", device="cpu") for f in files]
+    handles = []
+    for f in files:
+        try:
+            handles.append(safe_open(f, framework="pt", device="cpu"))
+        except Exception as e:  # SafetensorError (truncated, not safetensors), OSError
+            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
     where = {k: h for h in handles for k in h.keys()}
     get = lambda k: where[k].get_tensor(k)
-    with torch.device("meta"):
+    with _meta_model():
         model = Transformer(cfg)
     expected = model.state_dict()
     sd = from_hf_state_dict(cfg, get, set(where), path)
@@ -672,13 +701,17 @@ def load_tokenizer(path):
 
 def special_token_ids(path) -> dict:
     """eos_id / pad_id / bos_id from config.json, then generation_config.json, then tokenizer_config.json
-    (token strings resolved through tokenizer.json). eos_id is the first when a list is given; all EOS ids
-    are in eos_ids. pad_id falls back to eos_id."""
+    (token strings resolved through tokenizer.json). eos_id is config.json's (the first when it gives a list);
+    eos_ids is every EOS id that config.json and generation_config.json list (instruct checkpoints often list their
+    end-of-turn token in one of them only), eos_id first. pad_id falls back to eos_id."""
     def read(name):
         f = os.path.join(path, name)
         if os.path.isfile(f):
-            with open(f) as fh:
-                return json.load(fh)
+            try:
+                with open(f) as fh:
+                    return json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: not valid JSON ({e})") from None
         return {}
 
     ids = {"eos_id": None, "pad_id": None, "bos_id": None, "eos_ids": []}
@@ -695,12 +728,14 @@ def special_token_ids(path) -> dict:
     for src in (read("config.json"), read("generation_config.json")):
         for key, name in (("eos_token_id", "eos_id"), ("pad_token_id", "pad_id"), ("bos_token_id", "bos_id")):
             v = src.get(key)
-            if v is None or ids[name] is not None:
+            if v is None:
                 continue
             if key == "eos_token_id":
-                ids["eos_ids"] = list(v) if isinstance(v, list) else [v]
-                v = ids["eos_ids"][0]
-            ids[name] = v
+                listed = list(v) if isinstance(v, list) else [v]
+                ids["eos_ids"] += [e for e in listed if e not in ids["eos_ids"]]
+                v = listed[0] if listed else None
+            if ids[name] is None:
+                ids[name] = v
     for key, name in (("eos_token", "eos_id"), ("pad_token", "pad_id"), ("bos_token", "bos_id")):
         if ids[name] is None and key in tok_cfg:
             ids[name] = token_id(tok_cfg[key])

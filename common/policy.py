@@ -62,6 +62,24 @@ class Samples:
             return self.response_mask
         return torch.ones(len(self), 1, dtype=torch.long)
 
+    def to_state(self):
+        """(tensors, lists): the rows as CPU tensors (safetensors) and JSON-able lists, for a checkpoint; a
+        Conversation prompt becomes {"messages": [[role, content], …]}."""
+        from common.chat import Conversation
+        tensors = {f.name: getattr(self, f.name).cpu() for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        prompts = [{"messages": [list(m) for m in p.messages]} if isinstance(p, Conversation) else p
+                   for p in self.prompts]
+        return tensors, {"prompts": prompts, "texts": list(self.texts), "game_ids": list(self.game_ids)}
+
+    @classmethod
+    def from_state(cls, tensors, lists) -> "Samples":
+        """The inverse of to_state() (tensors on the CPU)."""
+        from common.chat import Conversation
+        prompts = [Conversation(tuple(tuple(m) for m in p["messages"])) if isinstance(p, dict) else p
+                   for p in lists["prompts"]]
+        return cls(prompts=prompts, texts=lists["texts"], game_ids=lists["game_ids"], **tensors)
+
     def select(self, index) -> "Samples":
         """Rows `index` (a LongTensor or list of ints), in that order."""
         index = torch.as_tensor(index, dtype=torch.long)
@@ -102,6 +120,43 @@ def unique_responses(samples: Samples, group_size: int):
             counts.append(0)
         counts[first[k]] += 1
     return torch.tensor(rows, dtype=torch.long), torch.tensor(counts, dtype=torch.long)
+
+
+def backward_in_micro_batches(policy, samples, loss_fn, micro_batch=None, per_token=False, autocast=None):
+    """loss.backward() for loss, aux = loss_fn(logps) with logps = policy.logprobs(samples) (B,), or
+    policy.token_logprobs(samples) (B, T) when per_token, holding at most `micro_batch` rows in the autograd graph.
+    `samples` may be a tuple of Samples: then loss_fn takes one logps per element (e.g. tanpo.py's pairs and bonus).
+
+    micro_batch None or ≥ every B: one pass, loss_fn on the differentiable logps. Otherwise two passes (gradient
+    accumulation for losses that couple rows, e.g. a pair's winner and loser, or a baseline over a prompt's samples):
+      1. logps of every row under no_grad, micro_batch rows at a time; loss_fn on leaf copies of them gives
+         g = dloss/dlogps, (B,) or (B, T);
+      2. for each micro-batch, logps again with autograd and backward(g[rows]): Σ_rows g_r ∇logp_r = ∇loss.
+    The accumulated gradient equals the one-pass gradient up to float rounding, provided loss_fn depends on the
+    parameters only through logps (anything it computes from logps.detach() counts as a constant, as in one pass).
+    Costs one more forward without grad. autocast: a context-manager factory wrapped around each forward.
+    Returns (loss detached, aux)."""
+    import contextlib
+    ctx = autocast or contextlib.nullcontext
+    fn = policy.token_logprobs if per_token else policy.logprobs
+    sets = samples if isinstance(samples, tuple) else (samples,)
+    if micro_batch is None or all(len(s) <= micro_batch for s in sets):
+        with ctx():
+            lps = [fn(s) for s in sets]
+        loss, aux = loss_fn(*lps)
+        loss.backward()
+        return loss.detach(), aux
+    chunks = [[torch.arange(i, min(i + micro_batch, len(s))) for i in range(0, len(s), micro_batch)] for s in sets]
+    with torch.no_grad(), ctx():
+        leaves = [torch.cat([fn(s.select(r)) for r in rs]).requires_grad_(True) for s, rs in zip(sets, chunks)]
+    loss, aux = loss_fn(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    for s, rs, g in zip(sets, chunks, grads):
+        for r in rs:
+            with ctx():
+                lp = fn(s.select(r))
+            lp.backward(g[r.to(g.device)].to(lp.dtype))
+    return loss.detach(), aux
 
 
 def _atomic_dir(path, write):
@@ -201,7 +256,8 @@ class TabularPolicy(nn.Module):
         lp = self.log_probs().cpu()
         return [lp[self.index[g.id], :g.n].exp().numpy().astype(np.float64) for g in games]
 
-    def frozen_copy(self) -> "TabularPolicy":
+    def frozen_copy(self, dtype=None) -> "TabularPolicy":
+        """A copy with no grad (dtype: accepted for LMPolicy's interface; a table stays float64)."""
         return copy.deepcopy(self).requires_grad_(False)
 
     def matrices(self, games) -> torch.Tensor:
@@ -222,6 +278,18 @@ class TabularPolicy(nn.Module):
             with open(os.path.join(tmp, "policy.json"), "w") as f:
                 json.dump(obj, f)
         _atomic_dir(path, write)
+
+    def save_checkpoint(self, path):
+        """The exact float64 logits (theta.safetensors; a resumed run continues bitwise) and policy.json."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        save_file({"theta": self.theta.detach().cpu().contiguous()}, os.path.join(path, "theta.safetensors"))
+        self.save(path)
+
+    def load_checkpoint(self, path):
+        from safetensors.torch import load_file
+        with torch.no_grad():
+            self.theta.copy_(load_file(os.path.join(path, "theta.safetensors"))["theta"])
 
     @classmethod
     def load(cls, path, games: Games) -> "TabularPolicy":
@@ -272,34 +340,77 @@ def pack(prompt_ids, response_ids, pad_id):
     return ids, attn, resp
 
 
+AUX_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+
+
 class LMPolicy(nn.Module):
-    """A causal LM (common/model.py Transformer) + its tokenizer. ℓ(y|x) = Σ log π(token) over the answer
-    tokens and EOS of encode(prompt) + encode(answer) + [EOS] (contract 2)."""
+    """A causal LM (common/model.py Transformer) + its tokenizer and chat template. ℓ(y|x) = Σ log π(token) over the
+    answer tokens and EOS of prompt ids + encode(answer) + [EOS] (contract 2).
+
+    Prompt ids: a Game (the arena) is encode(prompt), raw, exactly as contract 2 says. A chat prompt (a Conversation
+    or a str, one user turn; common/chat.py) is rendered with the checkpoint's chat template and
+    add_generation_prompt=True, then tokenized without special tokens; without a template it is its raw text.
+    EOS: eos_ids holds every EOS id the checkpoint lists and the template's end-of-turn token; any of them ends a
+    sampled response and is scored as part of it. eos_id, the one encode() appends, is the end-of-turn token when the
+    template has one, else config.json's EOS."""
     BUCKET_ROWS = 128  # rows per length bucket of logprobs() (see _scored)
 
-    def __init__(self, model, tokenizer, eos_id, pad_id=None, max_new_tokens=32):
+    def __init__(self, model, tokenizer, eos_id, pad_id=None, max_new_tokens=32, eos_ids=None, chat_template=None,
+                 files=None, generation_config=None, prompt_cache=None):
         super().__init__()
         if eos_id is None:
             raise ValueError("LMPolicy needs an EOS id (config.json eos_token_id)")
         self.model = model
         self.tokenizer = tokenizer
         self.eos_id = eos_id
+        self.eos_ids = list(dict.fromkeys([eos_id] + list(eos_ids or [])))
         self.pad_id = eos_id if pad_id is None else pad_id
         self.max_new_tokens = max_new_tokens
+        self.chat_template = chat_template          # common.chat.ChatTemplate or None (prompts stay raw)
+        self.files = dict(files or {})              # name -> bytes, copied by save(): tokenizer_config.json, template…
+        self.generation_config = dict(generation_config or {})   # the checkpoint's, rewritten by save()
+        self.infer_batch = None   # rows per generate() call and per no-grad pass (None: all at once; set by the world)
         self._cand_cache = {}
+        self._prompt_cache = {} if prompt_cache is None else prompt_cache
 
     @classmethod
-    def load(cls, path, device="cpu", dtype=torch.float32, max_new_tokens=None) -> "LMPolicy":
+    def load(cls, path, device="cpu", dtype=torch.float32, max_new_tokens=None, chat_template="auto") -> "LMPolicy":
+        """From a HF-layout folder. chat_template: "auto" (the folder's own, None when it has none), "none" (raw
+        prompts), or the path of a .jinja file (it is also what save() writes as chat_template.jinja)."""
+        from common.chat import ChatTemplate
         from common.model import from_pretrained, load_tokenizer, special_token_ids
         model = from_pretrained(path, device=device, dtype=dtype)
+        tokenizer = load_tokenizer(path)
         ids = special_token_ids(path)
+        files = {}
+        for name in AUX_FILES:
+            f = os.path.join(path, name)
+            if os.path.isfile(f):
+                with open(f, "rb") as fh:
+                    files[name] = fh.read()
+        if chat_template == "auto":
+            template = ChatTemplate.load(path)
+        elif chat_template == "none":
+            template = None
+        else:
+            template = ChatTemplate.load(path, jinja_file=chat_template)
+            files["chat_template.jinja"] = template.source.encode("utf-8")
+        gc = os.path.join(path, "generation_config.json")
+        generation_config = {}
+        if os.path.isfile(gc):
+            with open(gc) as f:
+                try:
+                    generation_config = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{gc}: not valid JSON ({e})") from None
         if max_new_tokens is None:
-            gc = os.path.join(path, "generation_config.json")
-            max_new_tokens = 32
-            if os.path.isfile(gc):
-                with open(gc) as f:
-                    max_new_tokens = json.load(f).get("max_new_tokens", 32)
-        return cls(model, load_tokenizer(path), ids["eos_id"], ids["pad_id"], max_new_tokens)
+            max_new_tokens = generation_config.get("max_new_tokens") or 32
+        eos_id, eos_ids = ids["eos_id"], ids["eos_ids"]
+        end_of_turn = template.end_of_turn(tokenizer) if template is not None else None
+        if end_of_turn is not None:
+            eos_id, eos_ids = end_of_turn, [end_of_turn] + eos_ids
+        return cls(model, tokenizer, eos_id, ids["pad_id"], max_new_tokens, eos_ids, template, files,
+                   generation_config)
 
     @property
     def device(self):
@@ -307,13 +418,40 @@ class LMPolicy(nn.Module):
 
     @staticmethod
     def _texts(prompts):
+        """What a judge reads as the prompt: a Game's text; a chat prompt as it is (str or Conversation)."""
         return [p.prompt if isinstance(p, Game) else p for p in prompts]
 
-    def _encode_prompts(self, texts):
-        ids = [encode_prompt(self.tokenizer, t) for t in texts]
-        if any(len(p) == 0 for p in ids):
-            raise ValueError("LMPolicy: a prompt encodes to zero tokens (nothing to condition on)")
+    def prompt_ids(self, prompt) -> list:
+        """Token ids of one prompt (class docstring), cached per distinct prompt."""
+        from common.chat import ChatError, conversation
+        key = ("game", prompt.id, prompt.prompt) if isinstance(prompt, Game) else conversation(prompt)
+        ids = self._prompt_cache.get(key)
+        if ids is None:
+            if isinstance(prompt, Game):
+                ids = encode_prompt(self.tokenizer, prompt.prompt)
+            elif self.chat_template is not None:
+                ids = self.chat_template.encode(self.tokenizer, key.as_dicts(), add_generation_prompt=True)
+            elif len(key.messages) > 1:
+                raise ChatError(f"a multi-turn prompt ({str(key)[:60]!r}) needs a chat template: the model has "
+                                f"none, or --chat-template none was given")
+            else:
+                ids = encode_prompt(self.tokenizer, key.text)
+            if len(ids) == 0:
+                raise ValueError("LMPolicy: a prompt encodes to zero tokens (nothing to condition on)")
+            self._prompt_cache[key] = ids
         return ids
+
+    def _encode_prompts(self, prompts):
+        return [self.prompt_ids(p) for p in prompts]
+
+    def check_prompts(self, prompts):
+        """Encode every prompt once (a template that fails to render raises here, before a run starts) and check
+        that the longest one leaves room for max_new_tokens."""
+        limit = self.model.config.max_position_embeddings
+        longest = max(len(self.prompt_ids(p)) for p in prompts)
+        if longest + self.max_new_tokens > limit:
+            raise ValueError(f"a prompt of {longest} tokens + --max-new-tokens {self.max_new_tokens} exceeds the "
+                             f"model's max_position_embeddings ({limit})")
 
     def _candidate_tokens(self, game) -> dict:
         """{tuple(encode(c_i) + [EOS]): i} for a game, cached."""
@@ -339,18 +477,22 @@ class LMPolicy(nn.Module):
         """n responses per prompt with common/sampler.py (rows: prompt 0 n times, then prompt 1, …)."""
         from common.sampler import generate
         prompts = [p for p in prompts for _ in range(n)]
-        prompt_ids = self._encode_prompts(self._texts(prompts))
-        out, mask, _ = generate(self.model, prompt_ids, max_new_tokens or self.max_new_tokens,
-                                temperature=temperature, top_p=top_p, top_k=top_k, eos_id=self.eos_id,
-                                generator=generator)
-        lengths = mask.sum(1).long().tolist()
-        response_ids = [row[:k] for row, k in zip(out.tolist(), lengths)]  # EOS kept where generated
-        texts = [self.tokenizer.decode([t for t in r if t != self.eos_id]) for r in response_ids]
+        prompt_ids = self._encode_prompts(prompts)
+        chunk = self.infer_batch or len(prompts)
+        response_ids = []
+        for s in range(0, len(prompts), chunk):     # infer_batch rows per call bounds the KV cache and the logits
+            out, mask, _ = generate(self.model, prompt_ids[s:s + chunk], max_new_tokens or self.max_new_tokens,
+                                    temperature=temperature, top_p=top_p, top_k=top_k, eos_id=self.eos_ids,
+                                    generator=generator, pad_id=self.pad_id)
+            lengths = mask.sum(1).long().tolist()
+            response_ids += [row[:k] for row, k in zip(out.tolist(), lengths)]  # EOS kept where generated
+        eos = set(self.eos_ids)
+        texts = [self.tokenizer.decode([t for t in r if t not in eos]) for r in response_ids]
         return self._samples(prompts, prompt_ids, [r if r else [self.eos_id] for r in response_ids], texts)
 
     def encode(self, prompts, responses) -> Samples:
         """Samples for given texts: encode(prompt) + encode(response) + [EOS] (contract 2)."""
-        prompt_ids = self._encode_prompts(self._texts(prompts))
+        prompt_ids = self._encode_prompts(prompts)
         response_ids = [encode_response(self.tokenizer, r) + [self.eos_id] for r in responses]
         return self._samples(list(prompts), prompt_ids, response_ids, list(responses))
 
@@ -414,18 +556,62 @@ class LMPolicy(nn.Module):
             out.append(np.append(q, max(0.0, 1.0 - q.sum())))
         return out
 
-    def frozen_copy(self) -> "LMPolicy":
-        """A deep copy of the model (no grad, eval mode) sharing the tokenizer: π_t or π_ref."""
+    def response_stats(self, samples: Samples) -> dict:
+        """Of sampled responses: mean length in tokens (EOS not counted), the fraction truncated (max_new_tokens reached
+        without an EOS) and the fraction empty (no visible text)."""
+        resp = samples.response_mask.bool().cpu()
+        lengths = resp.sum(1)                                             # (B,) EOS included where generated
+        start = int(resp.any(0).int().argmax())                           # responses start at one column (pack)
+        last = samples.input_ids.cpu()[torch.arange(len(samples)), start + lengths - 1]
+        ended = torch.isin(last, torch.tensor(self.eos_ids))
+        return {"len": float((lengths - ended.long()).double().mean()),
+                "truncated": float((~ended).double().mean()),
+                "empty": sum(not t.strip() for t in samples.texts) / len(samples)}
+
+    def frozen_copy(self, dtype=None) -> "LMPolicy":
+        """A deep copy of the model (no grad, eval mode) sharing the tokenizer and template: π_ref, an anchor. dtype:
+        cast the copy's weights (bf16 frozen copies on CUDA halve their memory; the trained policy stays fp32)."""
         model = copy.deepcopy(self.model).requires_grad_(False).eval()
-        return LMPolicy(model, self.tokenizer, self.eos_id, self.pad_id, self.max_new_tokens)
+        if dtype is not None:
+            model = model.to(dtype)
+        out = LMPolicy(model, self.tokenizer, self.eos_id, self.pad_id, self.max_new_tokens, self.eos_ids,
+                       self.chat_template, self.files, self.generation_config, self._prompt_cache)
+        out.infer_batch = self.infer_batch
+        return out
+
+    def save_checkpoint(self, path):
+        """A run's checkpoint of the policy: save(path), the complete HF folder (fp32 weights: exact)."""
+        self.save(path)
+
+    def load_checkpoint(self, path):
+        """The weights of a save_checkpoint() folder into this policy's model (same architecture, device, dtype)."""
+        from common.model import from_pretrained
+        p = self.model.lm_head_weight
+        with torch.no_grad():
+            self.model.load_state_dict(from_pretrained(path, device=p.device, dtype=p.dtype).state_dict())
 
     def save(self, path):
-        """HF-layout folder: config.json + model.safetensors (common/model.py), tokenizer.json, written to a
-        temporary folder and renamed into place."""
+        """A complete HF-layout checkpoint, written to a temporary folder and renamed into place: config.json +
+        model.safetensors (common/model.py), tokenizer.json, the input folder's tokenizer_config.json and chat
+        template files (a minimal tokenizer_config.json when it had none), and its generation_config.json with
+        eos_token_id = every EOS id (end-of-turn included). transformers' AutoTokenizer / AutoModelForCausalLM load
+        it and apply_chat_template works on it."""
         def write(tmp):
             self.model.save_pretrained(tmp)
             self.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+            files = dict(self.files)
+            if "tokenizer_config.json" not in files:
+                tok = {"tokenizer_class": "PreTrainedTokenizerFast",
+                       "eos_token": self.tokenizer.id_to_token(self.eos_id),
+                       "pad_token": self.tokenizer.id_to_token(self.pad_id)}
+                files["tokenizer_config.json"] = json.dumps(tok, indent=2).encode()
+            for name, data in files.items():
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+            gc = dict(self.generation_config)
+            gc.update(eos_token_id=self.eos_ids if len(self.eos_ids) > 1 else self.eos_id, pad_token_id=self.pad_id)
+            if not self.generation_config:
+                gc["max_new_tokens"] = self.max_new_tokens
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-                json.dump({"eos_token_id": self.eos_id, "pad_token_id": self.pad_id,
-                           "max_new_tokens": self.max_new_tokens}, f, indent=2)
+                json.dump(gc, f, indent=2)
         _atomic_dir(path, write)
