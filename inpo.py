@@ -83,7 +83,8 @@ class Args(WorldArgs):
     eta: float | None = None
     """η of Eq. (4), inverse step size; default: the schedule η_t = τ(t+2)/2 (deviation 1; paper: constant 3τ)"""
     lr: float | None = None
-    """Adam learning rate (default 2e-4 for lm, 0.03 for tabular)"""
+    """Adam learning rate (default 2e-4 for the arena LM, 1e-6 for a real checkpoint
+    (--prompts), 0.03 for tabular)"""
     epochs: int | None = None
     """passes over an iteration's pairs (default 10 for --pairs all, 2 otherwise)"""
     batch_size: int = 128
@@ -232,7 +233,7 @@ def main(args: Args):
             fail(f"--{name.replace('_', '-')} must be ≥ 1")
     world = setup_world(args)
     args.tau = world.beta if args.tau is None else args.tau
-    args.lr = args.lr if args.lr is not None else (0.03 if args.policy == "tabular" else 2e-4)
+    args.lr = args.lr if args.lr is not None else {"tabular": 0.03, "arena": 2e-4, "real": 1e-6}[world.kind]
     if args.lr <= 0 or args.temperature <= 0:
         fail(f"--lr and --temperature must be > 0 (got {args.lr}, {args.temperature})")
     if args.tau <= 0 or (args.eta is not None and args.eta <= args.tau):
@@ -310,6 +311,7 @@ def main(args: Args):
                                                         autocast=world.autocast)
                     opt.step()
                     stats.append(loss)
+        policy.zero_grad(set_to_none=True)   # the gradients' memory is free for sampling and evaluation
         t_train = time.perf_counter() - t0
         run.check_finite(t, stats, policy)   # NaN / inf: stop here, keep the last good checkpoint
         # eval --------------------------------------------------------------------------------------------------

@@ -82,7 +82,8 @@ class Args(WorldArgs):
     eta: float | None = None
     """η of Eqs. (8), (9), (13), the DPO β of the baselines (default: the games file's β)"""
     lr: float | None = None
-    """Adam learning rate (default 2e-4 for lm, 0.05 for tabular)"""
+    """Adam learning rate (default 2e-4 for the arena LM, 1e-6 for a real checkpoint
+    (--prompts), 0.05 for tabular)"""
     epochs: int = 2
     """passes over an iteration's pairs"""
     batch_size: int = 64
@@ -203,7 +204,7 @@ def main(args: Args):
         fail(f"--margin {args.margin}: a win-rate difference in (0, 1]")
     world = setup_world(args)
     args.eta = world.beta if args.eta is None else args.eta
-    args.lr = args.lr if args.lr is not None else (0.05 if args.policy == "tabular" else 2e-4)
+    args.lr = args.lr if args.lr is not None else {"tabular": 0.05, "arena": 2e-4, "real": 1e-6}[world.kind]
     if args.lr <= 0 or args.temperature <= 0 or args.eta <= 0:
         fail(f"--lr, --temperature and --eta must be > 0 (got {args.lr}, {args.temperature}, {args.eta})")
     policy, ref, judge, gen = world.policy, world.ref, world.judge, world.generator
@@ -277,6 +278,7 @@ def main(args: Args):
                     opt.step()
                     stats.append(loss)
                     margins.append(margin.mean())
+        policy.zero_grad(set_to_none=True)   # the gradients' memory is free for sampling and evaluation
         t_train = time.perf_counter() - t0
         run.check_finite(t, stats, policy)   # NaN / inf: stop here, keep the last good checkpoint
         # eval --------------------------------------------------------------------------------------------------

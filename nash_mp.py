@@ -81,7 +81,8 @@ class Args(WorldArgs):
     eta: float | None = None
     """η: the proximal term is (β/η) KL(π‖π^k) (default 2β, the largest the convergence conditions allow)"""
     lr: float | None = None
-    """Adam learning rate of the inner steps (default 3e-4 for lm, 0.3 for tabular)"""
+    """Adam learning rate of the inner steps (default 3e-4 for the arena LM, 1e-6 for a real checkpoint
+    (--prompts), 0.3 for tabular)"""
     temperature: float = 1.0
     """sampling temperature of π_θ and of the opponent"""
 
@@ -248,7 +249,7 @@ def main(args: Args):
     world = setup_world(args)
     args.beta = world.beta if args.beta is None else args.beta
     args.eta = 2 * args.beta if args.eta is None else args.eta
-    args.lr = args.lr if args.lr is not None else (0.3 if args.policy == "tabular" else 3e-4)
+    args.lr = args.lr if args.lr is not None else {"tabular": 0.3, "arena": 3e-4, "real": 1e-6}[world.kind]
     if args.lr <= 0 or args.temperature <= 0:
         fail(f"--lr and --temperature must be > 0 (got {args.lr}, {args.temperature})")
     if args.beta <= 0 or args.eta <= 0:
@@ -279,6 +280,7 @@ def main(args: Args):
             full_stats = pg_step(policy, pi_k, ref, full_opp, world, args, exact)
             for name, h, f in zip(("loss", "reward", "kl_ref", "kl_anchor"), half_stats, full_stats):
                 row[f"train/half/{name}"], row[f"train/full/{name}"] = h, f
+        policy.zero_grad(set_to_none=True)   # the gradients' memory is free for sampling and evaluation
         t_train = time.perf_counter() - t0
         run.check_finite(k, [v for k_, v in row.items() if k_.startswith("train/")], policy)  # NaN / inf: stop
         # eval --------------------------------------------------------------------------------------------------

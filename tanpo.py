@@ -70,7 +70,6 @@ Symbols: α is the KL coefficient of Eq. (3) and plays DPO's β. η weights the 
 nash_mp.py's (a ratio of two KL weights).
 """
 import os
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -104,7 +103,8 @@ class Args(WorldArgs):
     bonus_samples: int = 4
     """samples per prompt estimating the bonus E[log μ(a|x)] (a ∼ π_{t+1}; SADPO: a ∼ π_ref), temperature 1"""
     lr: float | None = None
-    """Adam learning rate (default 2e-4 for lm, 0.1 for tabular)"""
+    """Adam learning rate (default 2e-4 for the arena LM, 1e-6 for a real checkpoint
+    (--prompts), 0.1 for tabular)"""
     epochs: int = 2
     """per iteration and player: epochs × ⌈new pairs / batch_size⌉ steps on random minibatches of all of D"""
     batch_size: int = 128
@@ -200,6 +200,7 @@ def update(player, D, D_ref, n_new, world, args, gen, bonus=None, c=0.0):
             loss, _ = backward_in_micro_batches(player, batch, loss_of, args.micro_batch, autocast=world.autocast)
             opt.step()
             stats.append(loss)
+    player.zero_grad(set_to_none=True)   # free the gradients: the other player trains next, then sampling
     return torch.stack(stats).mean()
 
 
@@ -234,7 +235,7 @@ def main(args: Args):
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
     world = setup_world(args)
     args.alpha = world.beta if args.alpha is None else args.alpha
-    args.lr = args.lr if args.lr is not None else (0.1 if args.policy == "tabular" else 2e-4)
+    args.lr = args.lr if args.lr is not None else {"tabular": 0.1, "arena": 2e-4, "real": 1e-6}[world.kind]
     pi, ref, judge, gen = world.policy, world.ref, world.judge, world.generator  # π: max-player (SADPO: the policy)
     mu = None if args.single_agent else pi.frozen_copy().requires_grad_(True)    # min-player, μ₁ = π_ref too
     head = pi if mu is None else mu             # the run's policy: eval/…, saved at the run dir root (deviation 7)
@@ -303,7 +304,6 @@ def main(args: Args):
                 mu.log_probs().masked_fill(~mu.valid, 0.0), c, p_next * train_rows[:, None])
             row["train/loss_min"], grad = update_exact(mu, min_loss, args.epochs)
             if not grad <= 1e-6:  # no stationary point: L_min decreases without bound (deviation 2)
-                shutil.rmtree(run.tmp, ignore_errors=True)
                 fail(f"--pairs exact: iteration {t}: the min-player's loss has no minimizer (the bonus "
                      f"(α/η)/t·E_π[log μ] outweighs D as μ → 0 on the max-player's actions); try a larger --eta")
         else:

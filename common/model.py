@@ -657,7 +657,10 @@ def from_pretrained(path, device="cpu", dtype=torch.float32) -> Transformer:
     for k, v in expected.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise ValueError(f"{path}: tensor for {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
-    model.load_state_dict({k: v.to(dtype).contiguous() for k, v in sd.items()}, assign=True)
+    # copies: safetensors' tensors are views of the file's memory map, and an optimizer writing into them would keep
+    # both the file's pages and their copy-on-write copies resident (about 2x the weights in RSS)
+    model.load_state_dict({k: v.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+                           for k, v in sd.items()}, assign=True)
     if not model.learned_pos:
         model.inv_freq = rope_inv_freq(cfg)  # non-persistent buffer: recompute off the meta device
     return model.to(device=device)

@@ -16,14 +16,19 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import textwrap
 import time
 
 
 
+_ACTIVE_RUN = []   # the RunDir of this process, once its folder exists (for mid-run errors and the interrupt message)
+
+
 def fail(msg: str, code: int = 2):
-    """One line on stderr, non-zero exit. Call before anything is written."""
-    print(f"error: {msg}", file=sys.stderr)
+    """One line on stderr, non-zero exit. Called before anything is written, or mid-run: then the line starts after
+    the progress bar's (tqdm writes no newline while it runs)."""
+    print(f"{chr(10) if _ACTIVE_RUN else ''}error: {msg}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -121,7 +126,7 @@ class WorldArgs:
     """longest sampled response in tokens (default: the checkpoint's generation_config.json, else 32)"""
     micro_batch: int | None = None
     """rows per forward/backward pass: an optimizer step accumulates its micro-batches' gradients, equal to the one
-    full-batch step (default: all of a step's rows on the arena and tabular worlds, 8 with --prompts)"""
+    full-batch step (default: all of a step's rows on the arena and tabular worlds, 16 with --prompts)"""
     infer_batch: int | None = None
     """rows per generate() call and per no-grad log-prob or judge pass (default: all at once on the arena, 32 with
     --prompts)"""
@@ -162,8 +167,8 @@ class RunDir:
     def __init__(self, args, algo: str):
         self.algo = algo
         self.rows, self.iteration = [], 0
+        self.finished = False
         if getattr(args, "resume", None):
-            _ACTIVE_RUN.append(self)
             self.tmp = os.path.normpath(args.resume)
             self.path = self.tmp[:-len(".incomplete")]
             with open(os.path.join(self.tmp, "metrics.jsonl")) as f:
@@ -173,9 +178,9 @@ class RunDir:
             self.rows = self.rows[:keep]
             _write_atomic(os.path.join(self.tmp, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in self.rows))
             self._metrics = open(os.path.join(self.tmp, "metrics.jsonl"), "a")
+            _ACTIVE_RUN.append(self)
             return
         self._latest = None
-        _ACTIVE_RUN.append(self)
         self.path = args.run_dir or os.path.join("runs", f"{algo}__{args.seed}__{int(time.time())}")
         self.tmp = self.path + ".incomplete"
         if os.path.exists(self.path):
@@ -183,12 +188,22 @@ class RunDir:
         if os.path.exists(self.tmp):
             fail(f"--run-dir {self.path}: an interrupted run is there; continue it with --resume {self.tmp} or "
                  f"delete the folder")
-        os.makedirs(self.tmp)
-        with open(os.path.join(self.tmp, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
-        with open(os.path.join(self.tmp, "run.json"), "w") as f:
-            json.dump({"algo": algo, "script": os.path.basename(sys.argv[0])}, f)
-        self._metrics = open(os.path.join(self.tmp, "metrics.jsonl"), "w")
+        parent = os.path.dirname(os.path.abspath(self.tmp))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".run_", dir=parent)   # the folder appears whole, or not at all
+        try:
+            with open(os.path.join(staging, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=2)
+            with open(os.path.join(staging, "run.json"), "w") as f:
+                json.dump({"algo": algo, "script": os.path.basename(sys.argv[0])}, f)
+            open(os.path.join(staging, "metrics.jsonl"), "w").close()
+            os.chmod(staging, 0o755)
+            os.rename(staging, self.tmp)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._metrics = open(os.path.join(self.tmp, "metrics.jsonl"), "a")
+        _ACTIVE_RUN.append(self)
 
     def file(self, name: str) -> str:
         """Path inside the (still incomplete) run dir."""
@@ -279,9 +294,11 @@ class RunDir:
         """Stop the run, one line, when a loss or a parameter is NaN or inf (one host sync per iteration). The last
         good checkpoint stays; nothing of this iteration is saved, and the folder is never renamed into place."""
         import torch
-        ok = all(bool(torch.isfinite(torch.as_tensor(x)).all()) for x in losses)
-        ok = ok and all(bool(torch.isfinite(p).all()) for pl in players for p in pl.parameters())
-        if not ok:
+        params = [p for pl in players for p in pl.parameters()]
+        dev = params[0].device if params else "cpu"
+        flags = [torch.isfinite(torch.as_tensor(x, device=dev)).all() for x in losses]
+        flags += [torch.isfinite(p).all() for p in params]
+        if flags and not bool(torch.stack(flags).all()):     # the one sync
             kept = f"iteration {self.iteration}'s checkpoint is kept" if self._latest else "no iteration was complete"
             fail(f"iteration {iteration}: a loss or a parameter is NaN or inf; the run stopped ({kept} in "
                  f"{self.tmp}; try a smaller --lr)", code=3)
@@ -294,6 +311,7 @@ class RunDir:
                 p = os.path.join(self.tmp, name)
                 shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
         os.replace(self.tmp, self.path)
+        self.finished = True
         return self.path
 
 
@@ -324,6 +342,12 @@ class World:
     eval_samples: int = 4   # responses per evaluation prompt (real-checkpoint world)
     ref_dist: list = None   # π_ref's exact distribution over the games (LM), computed on the first evaluate()
     ref_eval: object = None  # π_ref's evaluation samples (real-checkpoint world), drawn on the first evaluate()
+
+    @property
+    def kind(self) -> str:
+        """tabular, arena (an LM on a games file) or real (an LM on a prompts file): the world a default is sized for."""
+        from common.policy import TabularPolicy
+        return "tabular" if isinstance(self.policy, TabularPolicy) else "arena" if self.games is not None else "real"
 
     def autocast(self):
         """bf16 autocast on CUDA (weights stay fp32: the optimizer state is exact); nothing on CPU."""
@@ -413,7 +437,7 @@ def setup_world(args) -> World:
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be ≥ 1")
         real = args.prompts is not None            # the real-checkpoint world: memory bounded by default
-        args.micro_batch = args.micro_batch if args.micro_batch is not None else (8 if real else None)
+        args.micro_batch = args.micro_batch if args.micro_batch is not None else (16 if real else None)
         args.infer_batch = args.infer_batch if args.infer_batch is not None else (32 if real else None)
         for name in ("micro_batch", "infer_batch"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -498,9 +522,6 @@ def batched_logprobs(policy, samples, batch_size=256, per_token=False):
     return torch.cat(out) if out else torch.zeros(0)
 
 
-_ACTIVE_RUN = []   # the RunDir of this process, for the interrupt message
-
-
 def resume_args(args_cls, args, argv):
     """--resume DIR: the args of the run in DIR (its args.json), checked against DIR and the flags given with it."""
     d = os.path.normpath(args.resume)
@@ -565,8 +586,10 @@ def cli(main, args_cls, argv=None):
         for s in (signal.SIGINT, signal.SIGTERM):   # a second signal now would interrupt this message
             signal.signal(s, signal.SIG_IGN)
         name = signal.Signals(e.signum).name
-        if _ACTIVE_RUN:
-            run = _ACTIVE_RUN[-1]
+        run = _ACTIVE_RUN[-1] if _ACTIVE_RUN else None
+        if run is not None and run.finished:
+            print(f"\ninterrupted ({name}) after the run finished: {run.path}", file=sys.stderr)
+        elif run is not None:
             print(f"\ninterrupted ({name}): {run.iteration} iteration(s) complete in {run.tmp}; continue with: "
                   f"python {os.path.basename(sys.argv[0])} --resume {run.tmp}", file=sys.stderr)
         else:

@@ -152,13 +152,15 @@ def test_exact_iterates_reach_pi_r_as_the_bonus_decays(tmp_path, bt_games):
 
 def test_exact_unbounded_min_player_fails_clearly(tmp_path, bt_games, capsys):
     """At η = 1 the bonus (α/η)·π_{t+1}(a) outweighs D's evidence for a (α·mass of pairs a wins): L_min has no
-    minimizer. The run stops with one error line naming the cause, and leaves no run dir."""
+    minimizer. The run stops with one error line naming the cause; no finished run dir appears (the interrupted
+    folder stays <dir>.incomplete with its last complete checkpoint, here none: it failed in iteration 1)."""
     with pytest.raises(SystemExit) as e:
         run_tanpo(tmp_path, policy="tabular", pairs="exact", iterations=2, games=bt_games, eta=1.0)
     assert e.value.code != 0
     err = capsys.readouterr().err
     assert "error: --pairs exact: iteration 1: the min-player's loss has no minimizer" in err
-    assert not (tmp_path / "run").exists() and not (tmp_path / "run.incomplete").exists()
+    assert not (tmp_path / "run").exists()
+    assert not any(n.startswith("checkpoint-") for n in os.listdir(tmp_path / "run.incomplete"))
 
 
 # ---- sampled pairs -----------------------------------------------------------------------------------------
