@@ -114,8 +114,8 @@ def main(argv=None):
             f.write(TRL_JOB)
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         res = {}
-        wall, rss, out = measured([args.trl_python, job, args.model, rm_dir, prompts, os.path.join(tmp, "trl_out"),
-                                   str(args.threads)], tmp, env, f"the TRL job (is trl installed for {args.trl_python}?)")
+        trl_cmd = [args.trl_python, job, args.model, rm_dir, prompts, os.path.join(tmp, "trl_out"), str(args.threads)]
+        wall, rss, out = measured(trl_cmd, tmp, env, f"the TRL job (is trl installed for {args.trl_python}?)")
         res["trl"] = {"wall_s": wall, "rss_gb": rss, "work_s": json.loads(out.strip().splitlines()[-1])["train_s"]}
         run_dir = os.path.join(tmp, "ours")
         cmd = [sys.executable, "nash_dpo.py", "--model", args.model, "--judge", f"rm:{rm_dir}", "--prompts", prompts,

@@ -97,7 +97,8 @@ def main(argv=None):
     for name, a in (("without --grad-checkpoint", act[False]), ("with --grad-checkpoint", act[True])):
         base = total + max(a, kv)
         print(f"    {name:<26} inpo, nash_dpo, SADPO {base / GB:5.1f} GB; nash_mp (+ the fp32 anchor π^k, 4N) "
-              f"{(base + 4 * N) / GB:5.1f} GB; TANPO (+ the second player's fp32 weights, 4N) {(base + 4 * N) / GB:5.1f} GB")
+              f"{(base + 4 * N) / GB:5.1f} GB; TANPO (+ the second player's fp32 weights, 4N) "
+              f"{(base + 4 * N) / GB:5.1f} GB")
 
 
 if __name__ == "__main__":

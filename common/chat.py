@@ -130,7 +130,7 @@ def _token_str(v):
 
 
 class ChatTemplate:
-    """A checkpoint's chat template, compiled once. render() equals transformers' apply_chat_template(tokenize=False)."""
+    """A checkpoint's chat template, compiled once: render() returns what apply_chat_template(tokenize=False) does."""
 
     def __init__(self, source: str, special_tokens: dict = None, where: str = "chat template"):
         import jinja2

@@ -16,9 +16,10 @@ Implementations:
     PairJudge(dir)         a causal LM as a general preference oracle in the RLHFlow pairwise format (PairJudge's
                            docstring); both orders averaged, so P(a ≻ b) + P(b ≻ a) = 1; it can be intransitive
     PyJudge(file, name)    the user's function name(prompts, a, b) -> P(a ≻ b), one value in [0, 1] per pair; prompts
-                           reach it as conversations (lists of {"role", "content"} dicts). A function with the attributes
-                           `categories` and `matrix` plays a finite game over response classes (CategoryGame), whose
-                           regularized equilibrium mix is exact: the sampled evaluation reports the distance to it
+                           reach it as conversations (lists of {"role", "content"} dicts). A function with the
+                           attributes `categories` and `matrix` plays a finite game over response classes
+                           (CategoryGame), whose regularized equilibrium mix is exact: the sampled evaluation reports
+                           the distance to it
     TabularJudge(games)    the same matrices as ArenaJudge over action indices: prompts are game ids, a and b
                            LongTensors of candidate indices (−1 = invalid); no strings involved
 make_judge("arena" | "rm:DIR" | "pair:DIR" | "py:FILE.py:NAME", games) builds one from a --judge flag. The model judges
@@ -318,9 +319,9 @@ class CategoryGame:
         return float(np.mean(out))
 
     def metrics(self, a, b, n, beta, n_boot=200, seed=0) -> dict:
-        """eval/bucket_kl_ne (kl_to_equilibrium of samples a of π against samples b of π_ref, n per prompt), its bootstrap
-        standard error (both sample sets resampled within each prompt, n_boot times) and eval/bucket/<name>, π's class
-        frequencies over all its samples."""
+        """eval/bucket_kl_ne (kl_to_equilibrium of samples a of π against samples b of π_ref, n per prompt), its
+        bootstrap standard error (both sample sets resampled within each prompt, n_boot times) and eval/bucket/<name>,
+        π's class frequencies over all its samples."""
         ca = self.classes(a.prompts, a.texts).reshape(-1, n)
         cb = self.classes(b.prompts, b.texts).reshape(-1, n)
         rng = np.random.default_rng(seed)

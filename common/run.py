@@ -345,7 +345,7 @@ class World:
 
     @property
     def kind(self) -> str:
-        """tabular, arena (an LM on a games file) or real (an LM on a prompts file): the world a default is sized for."""
+        """tabular, arena (an LM on a games file) or real (an LM on a prompts file): the worlds of the defaults."""
         from common.policy import TabularPolicy
         return "tabular" if isinstance(self.policy, TabularPolicy) else "arena" if self.games is not None else "real"
 

@@ -443,7 +443,7 @@ def test_py_judge_bad_specs(tmp_path):
     boom = write(tmp_path / "boom.py", "raise RuntimeError('no import for you')\n")
     syntax = write(tmp_path / "syntax.py", "def f(:\n")
     specs = [f"py:{tmp_path}/missing.py:f", f"py:{boom}:f", f"py:{syntax}:f", f"py:{ok}:g", f"py:{ok}:x",
-             "py:nofunction", f"py:{ok}:", f"py::f", f"py:{ok}:not-a-name"]
+             "py:nofunction", f"py:{ok}:", "py::f", f"py:{ok}:not-a-name"]
     for spec in specs:
         with pytest.raises(ValueError) as e:
             make_judge(spec)

@@ -3,13 +3,13 @@
 Built once per module (chat_world): a byte-level BPE trained here with <|endoftext|> (id 0), <|im_start|>, <|im_end|>
 and single-token "A" / "B", whose post-processor writes a BOS (<|im_start|>) before a text encoded with special tokens,
 so that a rendered chat prompt tokenized with them would show a second one; tokenizer_config.json with SmolLM2's ChatML
-template (a default system prompt); a random
-transformers.LlamaForCausalLM whose config.json eos_token_id is <|endoftext|>, not the end-of-turn token, so
-<|im_end|> can only come from the template. Its weights are edited so that <|im_end|> is likely right after a set of
-"stop" tokens (a constant direction of their embeddings that the lm_head row of <|im_end|> reads; measured: p ≈ 0.6 after
-a stop token, 0.003 elsewhere): sampled responses end at <|im_end|> often, but not always, and its log-prob is not 0. Next to it a random
-LlamaForSequenceClassification reward model with the same tokenizer and template, a prompts file (single-turn lines and
-one multi-turn line) and a held-out eval prompts file.
+template (a default system prompt); a random transformers.LlamaForCausalLM whose config.json eos_token_id is
+<|endoftext|>, not the end-of-turn token, so <|im_end|> can only come from the template. Its weights are edited so that
+<|im_end|> is likely right after a set of "stop" tokens (a constant direction of their embeddings that the lm_head row
+of <|im_end|> reads; measured: p ≈ 0.6 after a stop token, 0.003 elsewhere): sampled responses end at <|im_end|>
+often, but not always, and its log-prob is not 0. Next to it a random LlamaForSequenceClassification reward model with
+the same tokenizer and template, a prompts file (single-turn lines and one multi-turn line) and a held-out eval prompts
+file.
 
 Proven:
 1. LMPolicy.load finds <|im_end|> from the template (eos_id) and keeps <|endoftext|> (eos_ids); prompt ids equal
