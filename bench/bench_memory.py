@@ -5,7 +5,7 @@ as the judge (built here, as bench/bench_vs_trl.py builds it), at K = 4 and K = 
 --micro-batch; each run in its own process, its peak RSS (ru_maxrss) and wall time printed with the K = 16 / K = 4
 ratios, measured side by side in one invocation.
 
-    python bench/bench_memory.py --model models/smollm2-135m-instruct [--flags "--micro-batch 4 --grad-checkpoint"]
+    python bench/bench_memory.py --model models/smollm2-135m-instruct [--flags "--micro-batch 16 --grad-checkpoint"]
 """
 import argparse
 import json
@@ -28,7 +28,7 @@ SCRIPTS = {  # the per-script flags that set K
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="policy folder (HF layout)")
-    ap.add_argument("--flags", default="--micro-batch 4 --grad-checkpoint",
+    ap.add_argument("--flags", default="--micro-batch 16 --grad-checkpoint",
                     help="memory flags for every run (default: the recommended CPU flags)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)

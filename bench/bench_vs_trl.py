@@ -6,9 +6,10 @@ model on the same backbone as the policy, and 2 DPO steps of 8 pairs (β = 0.1, 
     nanonash:  nash_dpo.py --ref sft --pairs random --groups-per-prompt 1 --epochs 1 --batch-size 8 --iterations 1
                (online DPO: one pair of two samples per prompt, one label each, anchor π_ref) with the CPU memory
                flags given by --ours-flags (default: the real-checkpoint world's defaults)
-Each runs in its own process; its peak RSS is that process's ru_maxrss (os.wait4), its time is the wall time of the
-work itself: TRL's trainer.train(), and nanonash's perf/sample_s + perf/train_s (sampling, judging, training; its
-evaluation before and after, which TRL does not do, is reported apart, with the whole process's wall time for both).
+Each runs in its own process; its peak RSS is that process's ru_maxrss (read by a measuring parent), its time the
+wall time of the work itself: TRL's trainer.train(), and nanonash's perf/sample_s + perf/train_s (sampling, judging,
+training). The whole process's wall time is printed for both; nanonash's includes two evaluations that TRL does not
+do (before and after the iteration; the time of the one after is printed).
 The reward model is built here from the policy folder: its backbone, and a score head drawn with a fixed seed.
 
     pip install trl          # development only; or into its own environment, then --trl-python ENV/bin/python

@@ -1,17 +1,20 @@
-"""The memory model of a training run on one GPU, computed (not measured on a GPU): weights, gradients, Adam, the
-frozen copies, the judge, and the activations of one micro-batch.
+"""The memory model of a training run on one GPU, computed (not measured on a GPU): weights, gradients, Adam, the frozen
+copies, the judge, and the activations of one micro-batch.
 
     python bench/memory_model.py [--preset qwen2.5-0.5b] [--micro-batch 8] [--tokens 512] [--judge-params 0.49e9]
 
-Every fixed cost is counted from the parameter count N (fp32 master weights 4N, gradients 4N, Adam's two moments 8N,
-a bf16 frozen copy 2N). Activations per token are measured, not assumed: one forward of the model's own layers (two
-of them, at the preset's width) runs on the CPU under torch.autocast(bfloat16), as a CUDA run of the scripts does, and
+Every fixed cost is counted from the parameter count N (fp32 master weights 4N, gradients 4N, Adam's two moments 8N;
+π_ref keeps its Linear weights, N_lin of them, in bf16 and the rest (embeddings, norms) in fp32, 2 N_lin + 4 (N −
+N_lin), so that under autocast it computes exactly what the policy does; a model judge is bf16 throughout, 2N).
+Activations per token are measured, not assumed: one forward of the model's own layers (one and three of them, at the
+preset's width) runs on the CPU under torch.autocast(bfloat16), as a CUDA run of the scripts does, and
 torch.autograd.graph.saved_tensors_hooks counts the bytes of every tensor autograd keeps for backward; the slope
-between two sequence lengths, per layer, is the per-token cost (the bf16 weight copies that autocast caches are a fixed
-cost, not per token, and drop out). Rows are unpadded, so attention runs the kernel that keeps O(T) state, as CUDA's
-memory-efficient kernel does with a padding mask (the CPU's masked path would keep the T x T probabilities).
---grad-checkpoint keeps each block's input only, then recomputes one block at a time in backward: its peak adds one
-layer's full activations. Generation's KV cache (infer_batch rows) and the chunked log-prob tile are small and listed.
+between two sequence lengths and between the two layer counts is the per-token cost per layer (the bf16 weight copies
+that autocast caches are a fixed cost, not per token, and drop out). Rows are unpadded, so attention runs the kernel
+that keeps O(T) state, as CUDA's memory-efficient kernel does with a padding mask (the CPU's masked path would keep
+the T x T probabilities). --grad-checkpoint keeps each block's input only, then recomputes one block at a time in
+backward: its peak adds one layer's full activations. Generation's KV cache (infer_batch rows) is listed; the chunked
+log-prob tile (at most 64 MB, common/losses.py) and the transient buffers of no-grad passes are left out.
 """
 import argparse
 import sys
@@ -34,9 +37,12 @@ PRESETS = {  # public architecture numbers (config.json of the released checkpoi
 GB = 1e9
 
 
-def num_params(cfg: ModelConfig) -> int:
+def num_params(cfg: ModelConfig):
+    """(all parameters, those of the Linear layers)."""
     with torch.device("meta"):
-        return sum(p.numel() for p in Transformer(cfg).parameters())
+        model = Transformer(cfg)
+    lin = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
+    return sum(p.numel() for p in model.parameters()), lin
 
 
 def saved_bytes_per_token(cfg: ModelConfig, checkpoint: bool, autocast: bool = True):
@@ -72,18 +78,20 @@ def main(argv=None):
     ap.add_argument("--judge-params", type=float, default=None, help="parameters of the judge (default: the policy's)")
     args = ap.parse_args(argv)
     cfg = ModelConfig(**PRESETS[args.preset])
-    N = num_params(cfg)
+    N, N_lin = num_params(cfg)
     J = int(args.judge_params) if args.judge_params else N
     L, h = cfg.num_hidden_layers, cfg.hidden_size
     tokens = args.micro_batch * args.tokens
     per_tok = {ck: saved_bytes_per_token(cfg, ck) for ck in (False, True)}   # (per layer, outside layers)
     kv = args.infer_batch * args.tokens * L * 2 * cfg.num_key_value_heads * cfg.head_dim * 2   # bf16 k and v
     fixed = {"policy weights, fp32 (4N)": 4 * N, "gradients, fp32 (4N)": 4 * N, "Adam moments, fp32 (8N)": 8 * N,
-             "π_ref, bf16 (2N)": 2 * N, f"judge, bf16 ({J / 1e9:.2f}B parameters)": 2 * J}
-    print(f"{args.preset}: N = {N / 1e6:.1f}M parameters, {L} layers, d = {h}; micro-batch {args.micro_batch} rows x "
-          f"{args.tokens} tokens = {tokens} tokens (computed, not measured on a GPU)")
+             "π_ref, Linear weights bf16 (2 N_lin + 4 (N - N_lin))": 2 * N_lin + 4 * (N - N_lin),
+             f"judge, bf16 ({J / 1e9:.2f}B parameters)": 2 * J}
+    print(f"{args.preset}: N = {N / 1e6:.1f}M parameters ({N_lin / 1e6:.1f}M in Linear layers), {L} layers, d = {h}; "
+          f"micro-batch {args.micro_batch} rows x {args.tokens} tokens = {tokens} tokens (computed, not measured on a "
+          f"GPU)")
     for k, v in fixed.items():
-        print(f"  {k:<44}{v / GB:8.2f} GB")
+        print(f"  {k:<52}{v / GB:8.2f} GB")
     act = {ck: (per_tok[ck][0] * L + per_tok[ck][1]) * tokens + (per_tok[False][0] * tokens if ck else 0)
            for ck in (False, True)}
     print(f"  activations per token and layer, bf16 autocast: {per_tok[False][0] / 1e3:.1f} KB "

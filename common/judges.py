@@ -31,8 +31,8 @@ import os
 import numpy as np
 import torch
 
-from common.arena import Games, kl, load_games, solve_nash
-from common.chat import ChatTemplate, _one_line, conversation
+from common.arena import Games, equilibrium, kl, load_games
+from common.chat import ChatTemplate, Conversation, _one_line, conversation
 from common.policy import encode_prompt, encode_response
 
 
@@ -44,10 +44,17 @@ class Judge:
     def prob(self, prompts, a, b) -> torch.Tensor:
         raise NotImplementedError
 
-    def check(self, prompt):
-        """Called once before a run starts, on its first prompt: a judge that cannot answer fails here, before any
-        file is written. The default asks for one pair."""
-        self.prob([prompt, prompt], ["Yes.", "No."], ["No.", "Yes."])
+    def check(self, prompts):
+        """Called once before a run starts, on the run's prompts (one prompt or a list): a judge that cannot answer
+        fails here, before any file is written. The default asks for one pair on the first prompt; a model judge also
+        renders every prompt with its template (a template that refuses a conversation fails here, not mid-run)."""
+        prompts = [prompts] if isinstance(prompts, (str, Conversation)) else list(prompts)
+        for p in dict.fromkeys(_prompt_key(p) for p in prompts):
+            self.render_check(p)
+        self.prob([prompts[0]] * 2, ["Yes.", "No."], ["No.", "Yes."])
+
+    def render_check(self, prompt):
+        """Build this judge's input for `prompt` without scoring it (model judges); nothing by default."""
 
     def label(self, prompts, a, b, generator=None) -> torch.Tensor:
         """Bernoulli(P(a ≻ b)) per row: u < P with u ~ U(0, 1) drawn from `generator`."""
@@ -84,7 +91,7 @@ class ArenaJudge(Judge):
     def knows(self, prompt) -> bool:
         return self._key(prompt) in self.by_prompt
 
-    def check(self, prompt):
+    def check(self, prompts):
         pass  # setup_world has checked every prompt with knows()
 
     def index(self, prompt, text) -> int:
@@ -178,6 +185,9 @@ class RewardModelJudge(Judge):
             ids.append(self.eos_id)
         return ids
 
+    def render_check(self, prompt):
+        self.encode(prompt, "Yes.")
+
     @torch.no_grad()
     def score(self, prompts, responses) -> torch.Tensor:
         """(B,) float64 rewards r(x, y): the score head at the last token of each row, batch_size rows at a time."""
@@ -222,7 +232,9 @@ class PairJudge(Judge):
         p(a, b) = softmax over the next-token logits of the single tokens "A" and "B", at "A"
         P(a ≻ b) = ½ [p(a, b) + 1 − p(b, a)]      both orders: position bias cancels, P(a ≻ b) + P(b ≻ a) = 1
     Each distinct ordered (prompt, first, second) is scored once per call. Any instruct model becomes an LLM judge this
-    way; a trained pairwise preference model works unchanged. Unlike a reward model it can be intransitive."""
+    way, and a trained pairwise preference model can be used in it; unlike a reward model it can be intransitive. The
+    rendering follows this project's specification (the judge's template with add_generation_prompt=True, its BOS
+    once); the RLHFlow scripts may differ in such details (a generation prompt, a BOS stripped), not checked here."""
 
     def __init__(self, path, device="cpu", dtype=torch.float32, batch_size=16):
         from common.model import from_pretrained, load_tokenizer, special_token_ids
@@ -247,13 +259,20 @@ class PairJudge(Judge):
         ids = special_token_ids(path)
         self.pad_id = ids["pad_id"] if ids["pad_id"] is not None else 0
         self.batch_size = batch_size
+        self._context = {}
 
     def encode(self, prompt, first, second) -> list:
         """Token ids of the judge's input with `first` as response A and `second` as response B."""
-        context = self.plain.render(conversation(prompt).as_dicts(), add_generation_prompt=False)
+        key = conversation(prompt)
+        if key not in self._context:                            # rendered once per prompt
+            self._context[key] = self.plain.render(key.as_dicts(), add_generation_prompt=False)
+        context = self._context[key]
         message = PAIR_MESSAGE.format(context=context, a=first, b=second)
         return self.chat_template.encode(self.tokenizer, [{"role": "user", "content": message}],
                                          add_generation_prompt=True)
+
+    def render_check(self, prompt):
+        self.encode(prompt, "Yes.", "No.")
 
     @torch.no_grad()
     def first_wins(self, prompts, first, second) -> torch.Tensor:
@@ -315,7 +334,7 @@ class CategoryGame:
         for a, b in zip(ca, cb):
             pi = (np.bincount(a, minlength=k) + 0.5) / (len(a) + 0.5 * k)
             ref = (np.bincount(b, minlength=k) + 0.5) / (len(b) + 0.5 * k)
-            out.append(kl(solve_nash(self.P, ref, beta), pi))
+            out.append(kl(equilibrium(self.P, ref, beta), pi))   # solved once per distinct ref (cached)
         return float(np.mean(out))
 
     def metrics(self, a, b, n, beta, n_boot=200, seed=0) -> dict:
@@ -360,10 +379,11 @@ class PyJudge(Judge):
         if hasattr(fn, "matrix") and hasattr(fn, "categories"):
             self.game = CategoryGame(fn.matrix, fn.categories, getattr(fn, "names", None), f"--judge {self.spec}")
 
-    def check(self, prompt):
-        super().check(prompt)
+    def check(self, prompts):
+        super().check(prompts)
         if self.game is not None:
-            self.game.classes([prompt, prompt], ["Yes.", "No."])
+            first = prompts if isinstance(prompts, (str, Conversation)) else list(prompts)[0]
+            self.game.classes([first, first], ["Yes.", "No."])
 
     def prob(self, prompts, a, b) -> torch.Tensor:
         _check_batch(prompts, a, b)

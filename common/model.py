@@ -638,6 +638,25 @@ def _meta_model():
             setattr(nn.init, n, f)
 
 
+def copy_model(model: Transformer, linear_dtype=None) -> Transformer:
+    """A copy of `model` (same device), its Linear layers' weights and biases cast to linear_dtype when given. The
+    embeddings, norms and RoPE frequencies keep their dtype, so under autocast(linear_dtype) the copy computes exactly
+    what `model` does (autocast casts `model`'s Linear weights to the same values, and the residual stream of both stays
+    in the embeddings' dtype): a bf16 π_ref equals the fp32 policy it was copied from, at half the Linear memory."""
+    with _meta_model():
+        out = Transformer(model.config)
+    linear = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    state = {}
+    for name, t in model.state_dict().items():
+        cast = linear_dtype is not None and name.rpartition(".")[0] in linear
+        state[name] = t.detach().to(dtype=linear_dtype if cast else t.dtype, copy=True)
+    out.load_state_dict(state, assign=True)
+    if not out.learned_pos:
+        out.inv_freq = model.inv_freq.clone()
+    out.grad_checkpoint = model.grad_checkpoint
+    return out.train(model.training)
+
+
 def from_pretrained(path, device="cpu", dtype=torch.float32) -> Transformer:
     """Load a HF-layout folder (config.json + model.safetensors or a sharded index) into a Transformer."""
     cfg = read_config(path)

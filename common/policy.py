@@ -4,7 +4,7 @@ An algorithm's loop is the same for both (DESIGN.md "One policy interface, three
 
     ref = policy.frozen_copy()                                   # π_ref (no grad)
     for t in range(T):
-        pi_t = policy.frozen_copy()                              # π_t
+        pi_t = policy                                            # π_t: sampled and scored before the first update
         y = pi_t.sample(prompts, n=K, generator=gen)             # Samples, B = len(prompts) * K rows
         a, b = y.select(idx_a), y.select(idx_b)                  # pairs, row-aligned
         label = judge.label(a.prompts, a.texts, b.texts, gen)    # or judge.prob(...)
@@ -23,9 +23,10 @@ Members (both classes):
                                                  samples.token_mask (per-token KL credit in nash_mp.py)
     distribution(games) -> list of float64 arrays, exact: over each game's candidates (tabular), + the
                                                  invalid mass as a last entry (LM)
-    frozen_copy(), parameters(), save(dir), load(...)
-Prompts are Game objects (common/arena.py) or strings: for the LM a string is the prompt text (real-checkpoint
-runs), for the tabular policy a game id.
+    frozen_copy(dtype), parameters(), save(dir), load(...), save_checkpoint(dir) / load_checkpoint(dir)
+Prompts are Game objects (common/arena.py), or for the LM chat prompts (common.chat.Conversation, or a str: one user
+turn; real-checkpoint runs); for the tabular policy a string is a game id. backward_in_micro_batches() accumulates
+the gradient of a loss of log-probs over micro-batches of rows (--micro-batch).
 """
 import copy
 import json
@@ -44,7 +45,7 @@ from common.arena import Game, Games
 @dataclass
 class Samples:
     """A batch of B responses (one row each) and what log-probs and judges need."""
-    prompts: list           # (B,) prompt texts (what a text judge reads)
+    prompts: list           # (B,) prompts as a judge reads them: a Game's text, or a chat prompt (Conversation / str)
     texts: list             # (B,) response texts, EOS removed (what a text judge reads)
     game_ids: list          # (B,) id of the row's game, None for a plain-text prompt
     actions: torch.Tensor   # (B,) long: index of the response among its game's candidates, -1 = not a candidate
@@ -73,11 +74,13 @@ class Samples:
         return tensors, {"prompts": prompts, "texts": list(self.texts), "game_ids": list(self.game_ids)}
 
     @classmethod
-    def from_state(cls, tensors, lists) -> "Samples":
-        """The inverse of to_state() (tensors on the CPU)."""
+    def from_state(cls, tensors, lists, device="cpu") -> "Samples":
+        """The inverse of to_state(), with the tensors where sampling puts them: actions on the CPU, an LM's token
+        tensors on `device` (the policy's)."""
         from common.chat import Conversation
         prompts = [Conversation(tuple(tuple(m) for m in p["messages"])) if isinstance(p, dict) else p
                    for p in lists["prompts"]]
+        tensors = {k: v if k == "actions" else v.to(device) for k, v in tensors.items()}
         return cls(prompts=prompts, texts=lists["texts"], game_ids=lists["game_ids"], **tensors)
 
     def select(self, index) -> "Samples":
@@ -127,8 +130,9 @@ def backward_in_micro_batches(policy, samples, loss_fn, micro_batch=None, per_to
     policy.token_logprobs(samples) (B, T) when per_token, holding at most `micro_batch` rows in the autograd graph.
     `samples` may be a tuple of Samples: then loss_fn takes one logps per element (e.g. tanpo.py's pairs and bonus).
 
-    micro_batch None or ≥ every B: one pass, loss_fn on the differentiable logps. Otherwise two passes (gradient
-    accumulation for losses that couple rows, e.g. a pair's winner and loser, or a baseline over a prompt's samples):
+    micro_batch None or ≥ the rows of all the sets: one pass, loss_fn on the differentiable logps. Otherwise two passes
+    (gradient accumulation for losses that couple rows, e.g. a pair's winner and loser, or a baseline over a prompt's
+    samples):
       1. logps of every row under no_grad, micro_batch rows at a time; loss_fn on leaf copies of them gives
          g = dloss/dlogps, (B,) or (B, T);
       2. for each micro-batch, logps again with autograd and backward(g[rows]): Σ_rows g_r ∇logp_r = ∇loss.
@@ -140,7 +144,7 @@ def backward_in_micro_batches(policy, samples, loss_fn, micro_batch=None, per_to
     ctx = autocast or contextlib.nullcontext
     fn = policy.token_logprobs if per_token else policy.logprobs
     sets = samples if isinstance(samples, tuple) else (samples,)
-    if micro_batch is None or all(len(s) <= micro_batch for s in sets):
+    if micro_batch is None or sum(len(s) for s in sets) <= micro_batch:
         with ctx():
             lps = [fn(s) for s in sets]
         loss, aux = loss_fn(*lps)
@@ -488,7 +492,7 @@ class LMPolicy(nn.Module):
             response_ids += [row[:k] for row, k in zip(out.tolist(), lengths)]  # EOS kept where generated
         eos = set(self.eos_ids)
         texts = [self.tokenizer.decode([t for t in r if t not in eos]) for r in response_ids]
-        return self._samples(prompts, prompt_ids, [r if r else [self.eos_id] for r in response_ids], texts)
+        return self._samples(prompts, prompt_ids, response_ids, texts)   # generate() emits ≥ 1 token per row
 
     def encode(self, prompts, responses) -> Samples:
         """Samples for given texts: encode(prompt) + encode(response) + [EOS] (contract 2)."""
@@ -569,11 +573,11 @@ class LMPolicy(nn.Module):
                 "empty": sum(not t.strip() for t in samples.texts) / len(samples)}
 
     def frozen_copy(self, dtype=None) -> "LMPolicy":
-        """A deep copy of the model (no grad, eval mode) sharing the tokenizer and template: π_ref, an anchor. dtype:
-        cast the copy's weights (bf16 frozen copies on CUDA halve their memory; the trained policy stays fp32)."""
-        model = copy.deepcopy(self.model).requires_grad_(False).eval()
-        if dtype is not None:
-            model = model.to(dtype)
+        """A copy of the model (no grad, eval mode) sharing the tokenizer and template: π_ref, an anchor. dtype: the
+        copy's Linear weights in it (common.model.copy_model: bf16 on CUDA, where it computes under autocast exactly
+        what the fp32 policy does, with half the Linear memory; the trained policy keeps fp32 master weights)."""
+        from common.model import copy_model
+        model = copy_model(self.model, dtype).requires_grad_(False).eval()
         out = LMPolicy(model, self.tokenizer, self.eos_id, self.pad_id, self.max_new_tokens, self.eos_ids,
                        self.chat_template, self.files, self.generation_config, self._prompt_cache)
         out.infer_batch = self.infer_batch

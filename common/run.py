@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -134,7 +133,7 @@ class WorldArgs:
     """recompute each transformer block in backward instead of storing its activations (less memory, one more
     forward)"""
     run_dir: str | None = None
-    """output folder (default runs/<algo>__<seed>__<time>)"""
+    """output folder (default runs/<algo>__<seed>__<time>; algo sadpo for tanpo.py --single-agent)"""
     resume: str | None = None
     """continue the interrupted run in this folder (<run dir>.incomplete) from its last complete iteration, with its
     own args.json (other flags must agree with it)"""
@@ -144,8 +143,9 @@ class WorldArgs:
     """CPU threads of torch (the defaults are sized for 2 cores; bench/arena_table.py runs 2 jobs of 1 thread)"""
 
 
-class Interrupted(Exception):
-    """SIGINT / SIGTERM, raised by cli()'s handler in the main loop: nothing is finished half-way."""
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM, raised by cli()'s handler in the main loop: nothing is finished half-way. A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` on the way (a user's py: judge) takes it for an error."""
     def __init__(self, signum):
         super().__init__(signum)
         self.signum = signum
@@ -171,11 +171,10 @@ class RunDir:
         if getattr(args, "resume", None):
             self.tmp = os.path.normpath(args.resume)
             self.path = self.tmp[:-len(".incomplete")]
-            with open(os.path.join(self.tmp, "metrics.jsonl")) as f:
-                self.rows = [json.loads(line) for line in f if line.strip()]
             self._latest = self._read_latest()
             keep = self._latest["metrics_lines"] if self._latest else 0
-            self.rows = self.rows[:keep]
+            with open(os.path.join(self.tmp, "metrics.jsonl")) as f:   # the checkpoint's rows; a later line may be cut
+                self.rows = [json.loads(line) for line in f.read().splitlines()[:keep]]
             _write_atomic(os.path.join(self.tmp, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in self.rows))
             self._metrics = open(os.path.join(self.tmp, "metrics.jsonl"), "a")
             _ACTIVE_RUN.append(self)
@@ -188,20 +187,15 @@ class RunDir:
         if os.path.exists(self.tmp):
             fail(f"--run-dir {self.path}: an interrupted run is there; continue it with --resume {self.tmp} or "
                  f"delete the folder")
-        parent = os.path.dirname(os.path.abspath(self.tmp))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".run_", dir=parent)   # the folder appears whole, or not at all
-        try:
+        from common.policy import _atomic_dir
+
+        def write(staging):
             with open(os.path.join(staging, "args.json"), "w") as f:
                 json.dump(dataclasses.asdict(args), f, indent=2)
             with open(os.path.join(staging, "run.json"), "w") as f:
                 json.dump({"algo": algo, "script": os.path.basename(sys.argv[0])}, f)
             open(os.path.join(staging, "metrics.jsonl"), "w").close()
-            os.chmod(staging, 0o755)
-            os.rename(staging, self.tmp)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        _atomic_dir(self.tmp, write)   # built under a hidden name and renamed: the folder appears whole, or not at all
         self._metrics = open(os.path.join(self.tmp, "metrics.jsonl"), "a")
         _ACTIVE_RUN.append(self)
 
@@ -281,9 +275,11 @@ class RunDir:
             g.set_state(tensors[f"generator/{k}"])
         torch.set_rng_state(tensors["generator/torch_global"])
         extra = {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}
+        device = next(p for pl in players.values() for p in pl.parameters()).device
         for key, lists in state["samples"].items():
             pre = f"samples/{key}/"
-            extra[key] = Samples.from_state({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}, lists)
+            extra[key] = Samples.from_state({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}, lists,
+                                            device)
         for name in os.listdir(self.tmp):  # half-written checkpoints of the interrupted attempt
             if name.startswith((".checkpoint-", "checkpoint-")) and name != self._latest["checkpoint"]:
                 shutil.rmtree(os.path.join(self.tmp, name), ignore_errors=True)
@@ -304,14 +300,15 @@ class RunDir:
                  f"{self.tmp}; try a smaller --lr)", code=3)
 
     def finish(self) -> str:
-        """Rename <path>.incomplete into place; the checkpoints go (the final policy is at the folder's root)."""
+        """Rename <path>.incomplete into place, then remove the checkpoints from it (the final policy is at the folder's
+        root): a signal at any point leaves either an interrupted run that resumes or a finished one."""
         self._metrics.close()
-        for name in os.listdir(self.tmp):
-            if name.startswith((".checkpoint-", "checkpoint-")) or name == "latest.json":
-                p = os.path.join(self.tmp, name)
-                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
         os.replace(self.tmp, self.path)
         self.finished = True
+        for name in os.listdir(self.path):
+            if name.startswith((".checkpoint-", "checkpoint-")) or name.startswith("latest.json"):
+                p = os.path.join(self.path, name)
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
         return self.path
 
 
@@ -345,9 +342,13 @@ class World:
 
     @property
     def kind(self) -> str:
-        """tabular, arena (an LM on a games file) or real (an LM on a prompts file): the worlds of the defaults."""
+        """tabular, arena (an LM on the games' prompts) or real (an LM on a --prompts file): the worlds of the
+        defaults."""
+        from common.arena import Game
         from common.policy import TabularPolicy
-        return "tabular" if isinstance(self.policy, TabularPolicy) else "arena" if self.games is not None else "real"
+        if isinstance(self.policy, TabularPolicy):
+            return "tabular"
+        return "arena" if self.prompts and isinstance(self.prompts[0], Game) else "real"
 
     def autocast(self):
         """bf16 autocast on CUDA (weights stay fp32: the optimizer state is exact); nothing on CPU."""
@@ -403,8 +404,9 @@ class World:
 
 
 def frozen_dtype(device):
-    """Weights of the frozen models (π_ref, a model judge): bf16 on CUDA, where the passes run under bf16 autocast
-    anyway (DESIGN.md: the trained policy keeps fp32 master weights); None (fp32, unchanged) on CPU."""
+    """dtype of the frozen models' weights: bf16 on CUDA, where every pass runs under bf16 autocast (a model judge is
+    cast whole; π_ref only its Linear weights, LMPolicy.frozen_copy, so that it computes what the fp32 policy
+    computes); None (fp32, unchanged) on CPU. The trained policy keeps fp32 master weights (DESIGN.md)."""
     import torch
     return torch.bfloat16 if str(device).startswith("cuda") else None
 
@@ -442,8 +444,9 @@ def setup_world(args) -> World:
         for name in ("micro_batch", "infer_batch"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be ≥ 1")
-        if args.eval_prompts is not None and args.prompts is None:
-            raise ValueError("--eval-prompts applies to --prompts runs (the arena is evaluated exactly on its games)")
+        if args.eval_prompts is not None and (args.prompts is None or args.games is not None):
+            raise ValueError("--eval-prompts applies to --prompts runs without --games (with a games file the "
+                             "evaluation is exact, on its games)")
         games = load_games(args.games or GAMES_PATH) if (args.prompts is None or args.games) else None
         if args.policy == "tabular":
             if args.prompts is not None or args.model is not None:
@@ -464,14 +467,15 @@ def setup_world(args) -> World:
                 if unknown:
                     raise ValueError(f"--judge arena knows only the prompts of {judge.games.path}; a prompt is "
                                      f"{str(unknown[0])!r} (use --judge rm:DIR, pair:DIR or py:FILE.py:NAME)")
-            policy.check_prompts(prompts + eval_prompts)   # renders and encodes each once: bad templates end here
             if policy.chat_template is None and args.chat_template == "auto":
                 print(f"note: {args.model or ARENA_DIR} has no chat template: prompts are fed as raw text",
                       file=sys.stderr)
-            judge.check(prompts[0])
         else:
             prompts = list(games.select(split="train")) or list(games)
             eval_prompts = []
+        if isinstance(policy, LMPolicy):   # renders and encodes each prompt once: a bad template or length ends here
+            policy.check_prompts(prompts + eval_prompts)
+        judge.check([p.prompt if hasattr(p, "prompt") else p for p in prompts + eval_prompts])
     except (GamesError, ValueError, KeyError, FileNotFoundError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         fail(str(msg))
@@ -534,12 +538,25 @@ def resume_args(args_cls, args, argv):
         fail(f"--resume {d}: not a run folder (no args.json / run.json)")
     if not d.endswith(".incomplete"):
         fail(f"--resume {d}: a finished run (its folder was renamed into place); there is nothing to resume")
-    with open(os.path.join(d, "run.json")) as f:
-        script = json.load(f).get("script")
+    def read(name):
+        try:
+            with open(os.path.join(d, name)) as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            fail(f"--resume {d}: {name} is unreadable ({e})")
+    script = read("run.json").get("script")
     if script != this:
         fail(f"--resume {d}: a run of {script}, not of {this}")
-    with open(os.path.join(d, "args.json")) as f:
-        stored = json.load(f)
+    stored = read("args.json")
+    if not os.path.isfile(os.path.join(d, "metrics.jsonl")):
+        fail(f"--resume {d}: no metrics.jsonl")
+    if os.path.isfile(os.path.join(d, "latest.json")):
+        latest = read("latest.json")
+        ckpt = os.path.join(d, str(latest.get("checkpoint")))
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            lines = f.read().splitlines()
+        if not os.path.isfile(os.path.join(ckpt, "state.json")) or len(lines) < latest.get("metrics_lines", 0):
+            fail(f"--resume {d}: latest.json names {ckpt}, which is not a complete checkpoint")
     names = {f.name: f for f in dataclasses.fields(args_cls)}
     unknown = sorted(set(stored) - set(names))
     if unknown:
@@ -568,6 +585,7 @@ def cli(main, args_cls, argv=None):
     <dir>.incomplete, never renamed into place."""
     import signal
 
+    from common.chat import ChatError
     from common.judges import JudgeError
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(args_cls, argv)
@@ -580,7 +598,7 @@ def cli(main, args_cls, argv=None):
         signal.signal(s, interrupt)
     try:
         return main(args)
-    except JudgeError as e:
+    except (JudgeError, ChatError) as e:   # a judge that fails, or a template that refuses a conversation, mid-run
         fail(str(e))
     except Interrupted as e:
         for s in (signal.SIGINT, signal.SIGTERM):   # a second signal now would interrupt this message

@@ -299,3 +299,13 @@ def test_read_prompts_parses_a_mixed_file(loaded, tmp_path):
     hf, tmpl, tok = loaded["smollm2"]
     for c in convs:
         assert tmpl.render(c.as_dicts()) == hf_render(hf, c.as_dicts())
+
+
+def test_shipped_chat_prompts_parse():
+    """data/chat/ (the README's CPU recipe): the training prompts (one multi-turn line) and the held-out prompts parse,
+    and no held-out prompt is a training prompt."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "chat")
+    train = read_prompts(os.path.join(root, "prompts.jsonl"))
+    held_out = read_prompts(os.path.join(root, "eval_prompts.jsonl"))
+    assert any(len(c.messages) > 1 for c in train) and all(len(c.messages) == 1 for c in held_out)
+    assert not set(train) & set(held_out)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import inpo
-from common.arena import dual_gap, equilibrium, load_games
+from common.arena import GAMES_PATH, dual_gap, equilibrium, load_games
 from common.judges import ArenaJudge
 from conftest import (check_lm_runs, check_real_world_run, cyclic_P, meta_tabular, read_metrics, read_policy,
                       run_script)
@@ -251,7 +251,7 @@ def bad_games(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["games", "prompts", "arena-prompt", "judge", "model", "pairs", "flag", "samples",
-                                  "labels"])
+                                  "labels", "max-new-tokens", "eval-prompts"])
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case):
     run_dir = tmp_path / "run"
     argv = {"games": ["--policy", "tabular", "--games", bad_games(tmp_path)],
@@ -262,7 +262,10 @@ def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case):
             "pairs": ["--pairs", "exact"],
             "flag": ["--eta", "fast"],
             "samples": ["--samples-per-prompt", "1"],
-            "labels": ["--pairs", "tournament", "--labels", "expected"]}[case]
+            "labels": ["--pairs", "tournament", "--labels", "expected"],
+            "max-new-tokens": ["--max-new-tokens", "5000"],          # the arena model's positions end at 128
+            "eval-prompts": ["--prompts", str(tmp_path / "q.jsonl"), "--games", GAMES_PATH,
+                             "--eval-prompts", str(tmp_path / "q.jsonl")]}[case]
     (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\nnot json\n')
     (tmp_path / "q.jsonl").write_text('{"prompt": "not an arena prompt"}\n')
     r = run_script("inpo.py", *argv, "--run-dir", str(run_dir), "--iterations", "1")
@@ -272,7 +275,8 @@ def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case):
     expected = {"games": "bad.json", "prompts": "p.jsonl:2", "arena-prompt": "use --judge rm:DIR",
                 "judge": "--judge", "model": "config.json",
                 "pairs": "--pairs exact", "flag": "--eta", "samples": "--samples-per-prompt",
-                "labels": "--labels expected"}[case]
+                "labels": "--labels expected", "max-new-tokens": "max_position_embeddings",
+                "eval-prompts": "--eval-prompts"}[case]
     assert expected in lines[0]
     assert not run_dir.exists() and not os.path.exists(str(run_dir) + ".incomplete")
 

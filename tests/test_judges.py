@@ -539,3 +539,21 @@ def test_category_game_metrics_against_naive():
     m2 = game.metrics(class_samples(pol1, prompts[:2]), class_samples([[1, 2, 3, 3], [0, 2, 2, 1]], prompts[:2]), n=4,
                       beta=0.5, n_boot=10)
     assert m2["eval/bucket_kl_ne_se"] > 0
+
+
+@pytest.mark.parametrize("kind", ["rm", "pair"])
+def test_model_judge_check_renders_every_prompt(rm_folder, pair_folder, kind):
+    """check() runs before any file is written, on all the run's prompts: a model judge whose template refuses one of
+    them (here: any input that contains the third prompt's last turn) fails there with a ChatError, not hours into
+    the run."""
+    from common.chat import ChatError, ChatTemplate
+    judge = make_judge(f"{kind}:{(rm_folder if kind == 'rm' else pair_folder)[0]}")
+    refusing = ("{% for m in messages %}{% if 'And now?' in m['content'] %}"
+                "{{ raise_exception('single-turn conversations only') }}{% endif %}{% endfor %}"
+                + judge.chat_template.source)
+    prompts = ["What is 2+2?", "Name a colour.",
+               Conversation((("user", "Hi"), ("assistant", "Hello!"), ("user", "And now?")))]
+    judge.check(prompts[:2])                                   # the single-turn prompts render
+    judge.chat_template = ChatTemplate(refusing, judge.chat_template.special_tokens, "refusing template")
+    with pytest.raises(ChatError, match="single-turn conversations only"):
+        judge.check(prompts)

@@ -223,3 +223,40 @@ def test_lm_length_buckets_equal_one_padded_pass(games, sft):
     assert torch.allclose(b_tok, tok, atol=1e-5)
     for a, b in zip(g_naive, g_bucket):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+
+
+def test_bf16_frozen_copy_equals_the_policy_under_autocast(games, sft):
+    """frozen_copy(bfloat16), π_ref on CUDA: only the Linear weights are bf16, so under bf16 autocast (here the CPU's,
+    standing in for CUDA's) its log-probs equal the fp32 policy's to the bit: at t = 1, π_t = π_ref gives zero log-ratio
+    terms. A copy cast whole to bf16 (a bf16 residual stream) does not."""
+    import copy
+    rows = sft.encode([g for g in list(games)[:8] for _ in range(2)],
+                      [c for g in list(games)[:8] for c in g.candidates[:2]])
+    ref = sft.frozen_copy(torch.bfloat16)
+    assert ref.model.embed_tokens.weight.dtype == torch.float32
+    assert ref.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
+    whole = sft.frozen_copy()
+    whole.model = copy.deepcopy(sft.model).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs, cast_whole = sft.logprobs(rows), ref.logprobs(rows), whole.logprobs(rows)
+    assert torch.equal(ours, theirs)
+    assert (ours - cast_whole).abs().max() > 1e-3
+
+
+def test_samples_state_round_trip_keeps_chat_prompts():
+    """A checkpoint's Samples (tanpo.py's D): to_state / from_state give back the same rows, Conversation prompts
+    included, with the actions on the CPU and the token tensors on the device asked for."""
+    from common.chat import conversation
+    from common.policy import Samples
+    convs = [conversation("Hi"), conversation([{"role": "system", "content": "Be brief."},
+                                               {"role": "user", "content": "2+2?"}])]
+    s = Samples(prompts=[convs[0], "a game prompt", convs[1]], texts=["a", "b", "c"], game_ids=[None, "g0", None],
+                actions=torch.tensor([-1, 3, -1]), input_ids=torch.arange(12).view(3, 4),
+                attention_mask=torch.ones(3, 4, dtype=torch.long), response_mask=torch.tensor([[0, 0, 1, 1]] * 3))
+    tensors, lists = s.to_state()
+    back = Samples.from_state(tensors, json.loads(json.dumps(lists)), device="meta")
+    assert back.prompts == s.prompts and back.texts == s.texts and back.game_ids == s.game_ids
+    assert back.actions.device.type == "cpu" and torch.equal(back.actions, s.actions)
+    assert back.input_ids.device.type == "meta" and back.input_ids.shape == s.input_ids.shape
+    again = Samples.from_state(tensors, lists)
+    assert all(torch.equal(getattr(again, k), getattr(s, k)) for k in ("input_ids", "attention_mask", "response_mask"))

@@ -328,7 +328,7 @@ def test_signal_while_the_run_folder_is_set_up_leaves_nothing(tmp_path, games, r
     assert "Traceback" not in err
     assert lines_of(err)[-1] == "interrupted (SIGTERM) before the run started; nothing was written", err
     assert not os.path.exists(run_dir) and not os.path.exists(inc)
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".run_")], os.listdir(tmp_path)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], os.listdir(tmp_path)   # no staging folder
     r = run_script(*argv, "--run-dir", run_dir)
     assert r.returncode == 0, r.stderr[-2000:]
     assert_finished_like(references.get(key), run_dir, "inpo", "tabular")
@@ -493,3 +493,22 @@ def test_fresh_run_next_to_an_interrupted_one_refuses(tmp_path, games, interrupt
     assert "interrupted run" in line
     assert files_of(str(tmp_path)) == before
     assert not os.path.exists(run_dir)
+
+
+def test_signal_inside_a_py_judge_is_an_interrupt_not_a_judge_error(tmp_path, games):
+    """The interrupt is a BaseException (like KeyboardInterrupt): a SIGINT that arrives while the user's py: judge runs
+    (the judge's code, or PyJudge's `except Exception` around it, is where the signal lands) still stops the run as an
+    interrupt: exit 130, the resume line, no "error:" line."""
+    judge = tmp_path / "judge.py"
+    judge.write_text("import os, signal\ncalls = []\n"
+                     "def prefer(prompts, a, b):\n"
+                     "    calls.append(1)\n"
+                     "    if len(calls) == 3:                      # call 1: the check before the run; 2: iteration 1\n"
+                     "        os.kill(os.getpid(), signal.SIGINT)\n"
+                     "    return [0.5] * len(a)\n")
+    run_dir = str(tmp_path / "run")
+    argv = argv_of("inpo", "tabular", games) + ["--judge", f"py:{judge}:prefer", "--pairs", "iid"]
+    rc, _, err = Proc([*argv, "--run-dir", run_dir], str(tmp_path / "logs"), "run").wait()
+    assert rc == 128 + signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err and not [line for line in lines_of(err) if line.startswith("error:")], err
+    assert interrupt_message("inpo.py", run_dir + ".incomplete", signal.SIGINT).fullmatch(lines_of(err)[-1]), err
