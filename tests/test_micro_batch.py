@@ -4,8 +4,9 @@ checkpointing (--grad-checkpoint) changes no gradient. The model is the arena's 
 π_ref) and the rows are its candidate answers, so they have different prompt and response lengths (padding and length
 buckets change with the micro-batch).
 
-Two models: a tiny random Llama in fp32, where max |Δ| ≤ 1e-6 (float rounding of sums taken in another order), and the
-arena model in float64, where max |Δ| ≤ 1e-12 · max(1, max |g|): the two passes compute the same gradient, not an
+Two models: a tiny random Llama in fp32, where max |Δ| ≤ 1e-5 · max(1, max |g|) (float rounding of sums taken in
+another order: 2.5e-6 at |g| = 3 was seen on the CI machine, 8 float32 ulps), and the arena model in float64, where
+max |Δ| ≤ 1e-12 · max(1, max |g|): the two passes compute the same gradient, not an
 approximation of it (in fp32 the arena model's INPO gradient, |g| ≈ 28, differs by ~3e-5 at micro-batch 1: rounding)."""
 import pytest
 import torch
@@ -17,7 +18,7 @@ import tanpo
 from common.arena import ARENA_DIR, load_games
 from common.policy import LMPolicy, backward_in_micro_batches
 
-TOL = {torch.float32: 1e-6, torch.float64: 1e-12}   # fp32: absolute; fp64: relative to max(1, max |g|)
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}   # relative to max(1, max |g|)
 
 
 def tiny_random_policy():
@@ -63,7 +64,7 @@ def assert_same_gradients(policy, samples, loss_fn, per_token=False, micro_batch
     loss_full, g_full = grads(policy, samples, loss_fn, None, per_token)
     scale = max(float(g.abs().max()) for g in g_full)
     assert scale > 1e-4                                                 # a gradient worth comparing
-    tol = TOL[g_full[0].dtype] * (max(1.0, scale) if g_full[0].dtype == torch.float64 else 1.0)
+    tol = TOL[g_full[0].dtype] * max(1.0, scale)
     for mb in micro_batches:
         loss_mb, g_mb = grads(policy, samples, loss_fn, mb, per_token)
         torch.testing.assert_close(loss_mb, loss_full, atol=tol, rtol=0)
