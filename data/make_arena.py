@@ -1,34 +1,40 @@
-"""Regenerate the arena (data/arena/): games, BPE tokenizer, and the tiny SFT model.
+"""Regenerate the arena (data/arena/, arena v2): games, BPE tokenizer, and the tiny SFT model.
 
     python data/make_arena.py [--out data/arena] [--seed 0] [--steps 800]
+    python data/make_arena.py --check          # regenerate into a temporary folder; compare bitwise with data/arena
 
 Deterministic for a seed: numpy and torch generators seeded here, deterministic algorithms, torch pinned to 1 CPU
-thread (a fixed thread count fixes the reduction order; and on the shared 2-core machine 2 OpenMP threads ran
-2-30x slower under load); 3-7 minutes wall on the 2-core box, depending on its load. The committed files were
-written by this command at commit 1f442fe. Later changes to the rounding of the code it trains with
-(common/model.py, common/losses.py) make it write a different SFT model today: max |Δweight| 0.57 at 2ea7656 and
-0.59 at 690a3b1, tokenizer and configs unchanged. The README's arena section records this; every figure in the
-README uses the committed files. Steps:
+thread (a fixed thread count fixes the reduction order); about 5 minutes on the 2-core box. The committed files are
+this command's output at the commit that last changed this file, common/model.py or common/losses.py: a change to
+the rounding of the code it trains with changes the SFT model, and tests/test_make_arena.py, which replays the
+games, the tokenizer and the first 20 SFT steps against data/arena_sft_trace.json (written by the same command),
+fails until the arena is regenerated. Steps:
 
-1. Games (contract 2 of DESIGN.md). 96 hand-written prompts with 3–10 short candidate answers each, 24 per
-   family; the preference matrices are synthetic (drawn here, not elicited), P + Pᵀ = 1, diagonal ½:
-     bt      Bradley–Terry, P[i,j] = σ(r_i − r_j), r_i ~ N(0, s²), s ~ U(1, 3) (transitive)
-     cyclic  P[i,j] = ½ + (a/2)·sin(2π(c_i − c_j)/n)/max|sin| + small skew noise, c a random cyclic
-             order of the candidates, a ~ U(0.6, 0.9) (rock-paper-scissors-like; mixed equilibrium)
-     random  strict lower triangle ~ U(0, 1), upper = 1 − lower (the EGPO tabular test-bed)
-     mixed   w·bt + (1 − w)·cyclic, w ~ U(0.3, 0.7)
-   Entries are rounded to 4 decimals (lower triangle; the upper one is 1 − it). Each family is split 18/6
-   into train/test by a seeded permutation. β = 0.1 for all games.
-2. The SFT target. Per prompt a skewed reference q over its candidates: Dirichlet(1) with a floor of 0.03,
-   renormalized to a total of 0.95; the other 0.05 goes to three invalid answers (a truncated candidate, two
-   candidates joined with "and", another prompt's answer), weights Dirichlet(1).
+1. Games (contract 2 of DESIGN.md), arena v2: preferences share structure across the prompts of a family, so a
+   policy can win held-out prompts by generalizing. 4 families x 24 hand-written prompts; each family has its own
+   topic domain (bt: food and cooking, cyclic: games and competitions, random: home and daily life, mixed: travel
+   and nature) and three styles, surface forms shared by all its prompts ("{c}", "i recommend {c}", "{c} is the
+   tastiest", ...). A candidate is one of the prompt's 2-3 contents in one of the family's styles: 6 or 9
+   candidates. No content appears under two prompts. P (synthetic, P + Pᵀ = 1, diagonal ½) is a family-level
+   style game plus per-prompt content effects and a little noise (game_matrix):
+     bt      Bradley–Terry on r = u_style + v_content + ε: style scores u shared by the family (transitive)
+     cyclic  the styles form a rock-paper-scissors cycle (each beats the next with probability ½ + a/2,
+             a ~ U(0.7, 0.9)); contents tie (noise only)
+     random  a random 3 x 3 style matrix shared by the family (lower triangle U(0, 1)), plus content effects
+     mixed   w·(a BT style matrix) + (1 − w)·(a cyclic one), w ~ U(0.3, 0.7), plus content effects
+   Entries are rounded to 4 decimals (lower triangle; the upper one is 1 − it). Each family is split 18/6 into
+   train/test by prompt (seeded permutation): a test prompt has new contents in the family's styles. β = 0.1.
+2. The SFT target q(content, style | x) = q_c · q_s: q_s skewed towards a suboptimal mix of styles shared by the
+   family (0.6 / 0.3 / 0.1, most on the style the family's style game favours least: sft_style_mix) with per-prompt
+   Dirichlet jitter, q_c ~ Dirichlet(3); total 0.98. The other 0.02 goes to three invalid answers (a truncated
+   candidate, two contents joined with "and", another prompt's content in a family style), weights Dirichlet(1).
 3. Tokenizer: byte-level BPE trained with `tokenizers` on the arena text, vocabulary 768, special tokens
    <|endoftext|> (EOS) and <|pad|>. An LM sees encode(prompt) + encode(answer) + [EOS] (contract 2).
 4. SFT: a Llama-architecture model (RoPE, RMSNorm, SwiGLU, GQA; ≈0.89M parameters, tied embeddings) built with
    common/model.py, trained by AdamW on the expected cross-entropy Σ_y q(y|x) · (−log π(y|x)) of the answer
    tokens + EOS (the loss of i.i.d. samples from q, without the sampling noise), 8 prompts per step, 800 steps,
-   lr 5e-3 (warm-up, cosine). Training stops short of a perfect fit on purpose: the SFT's distribution is
-   close to q but not equal, and its invalid mass exceeds the 5% it was shown.
+   lr 5e-3 (warm-up, cosine), on all 96 prompts (an SFT set covers held-out prompts; the algorithms train on the
+   72 train prompts only). It stops short of a perfect fit: its invalid mass (≈0.05) exceeds the 0.02 it was shown.
 5. The games' "ref" is the trained SFT's exact distribution over each prompt's candidates, renormalized
    (its invalid mass dropped): the tabular world then regularizes toward the same reference as the LM world,
    whose π_ref is the SFT's exact distribution over candidates + invalid mass (common/arena.py).
@@ -37,6 +43,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -52,179 +59,134 @@ from common.model import ModelConfig, Transformer  # noqa: E402
 
 BETA = 0.1
 EOS, PAD = "<|endoftext|>", "<|pad|>"
-INVALID_MASS = 0.05
+INVALID_MASS = 0.02      # shown to the SFT, over three invalid answers per prompt
+STEPS, LR, PROMPTS_PER_STEP = 800, 5e-3, 8
 
-# (prompt, candidates), 24 per family, in the order bt, cyclic, random, mixed.
-PROMPTS = {
-    "bt": [
-        ("Which fruit is best for a smoothie?", ["banana", "mango", "strawberry", "blueberry", "pineapple", "kiwi"]),
-        ("What is a good name for a black cat?", ["shadow", "midnight", "salem", "onyx", "luna"]),
-        ("Which color should I paint a small bedroom?", ["soft white", "pale blue", "sage green", "light gray"]),
-        ("What should I drink with breakfast?",
-         ["coffee", "green tea", "orange juice", "water", "milk", "hot chocolate", "black tea"]),
-        ("Which planet would you visit first?", ["mars", "venus", "jupiter", "saturn", "mercury", "neptune", "uranus"]),
-        ("What is the best way to learn a new language?",
-         ["daily practice", "talk with natives", "watch movies", "use flashcards", "take a class"]),
-        ("Which instrument should a beginner learn?",
-         ["piano", "guitar", "ukulele", "violin", "drums", "flute", "harmonica", "recorder", "cello"]),
-        ("What is a good snack for a long hike?",
-         ["trail mix", "an apple", "a granola bar", "beef jerky", "peanut butter crackers", "dried mango"]),
-        ("Which season is best for a road trip?", ["spring", "summer", "autumn", "winter"]),
-        ("What should I name my new goldfish?", ["bubbles", "goldie", "nemo", "finn", "sunny", "captain", "ziggy"]),
-        ("Which pet is easiest to care for?", ["a cat", "a fish", "a hamster", "a dog", "a turtle"]),
-        ("What is the best topping for pizza?", ["mushrooms", "pepperoni", "olives", "basil", "pineapple",
-                                                 "extra cheese", "onions", "spinach", "ham", "peppers"]),
-        ("Which city should I visit in Italy?", ["rome", "florence", "venice", "naples", "milan", "bologna"]),
-        ("What is a good gift for a new neighbor?",
-         ["fresh cookies", "a potted plant", "a bottle of wine", "a handwritten card"]),
-        ("How should I start a morning run?",
-         ["stretch first", "walk for five minutes", "jog slowly", "drink some water"]),
-        ("Which board game is best for a family night?",
-         ["monopoly", "scrabble", "catan", "uno", "chess", "clue", "ticket to ride"]),
-        ("What is the best way to cook an egg?", ["scrambled", "boiled", "poached", "fried", "baked"]),
-        ("Which flower should I plant in a sunny spot?",
-         ["sunflower", "lavender", "marigold", "zinnia", "rose", "cosmos"]),
-        ("What should I read on a rainy day?",
-         ["a mystery novel", "a poetry book", "a comic", "a cookbook", "a travel guide"]),
-        ("Which vegetable is best for a salad?",
-         ["lettuce", "spinach", "cucumber", "tomato", "carrot", "radish", "kale", "arugula"]),
-        ("What is a good time to go to bed?", ["nine pm", "ten pm", "eleven pm", "midnight"]),
-        ("Which bird is the most beautiful?", ["peacock", "flamingo", "cardinal", "swan", "hummingbird", "blue jay"]),
-        ("What is the best sport to watch on TV?",
-         ["football", "tennis", "basketball", "baseball", "golf", "cycling", "cricket"]),
-        ("Which spice makes soup better?", ["black pepper", "cumin", "paprika", "thyme", "ginger", "turmeric",
-                                            "garlic powder", "bay leaf", "chili flakes"]),
-    ],
-    "cyclic": [
-        ("Rock, paper or scissors: what should I throw?", ["rock", "paper", "scissors"]),
-        ("Which move wins at rock paper scissors lizard spock?", ["rock", "paper", "scissors", "lizard", "spock"]),
-        ("Which army unit should I build next?", ["cavalry", "archers", "spearmen"]),
-        ("Which pokemon type should I pick?", ["fire", "water", "grass"]),
-        ("Which opening should I play in chess?",
-         ["sicilian", "italian", "french", "caro kann", "london", "queens gambit"]),
-        ("Which penalty kick direction should I choose?", ["left", "right", "center"]),
-        ("Which route should I take to work?",
-         ["the highway", "the river road", "the back streets", "the bridge", "downtown"]),
-        ("What should I bring to a potluck dinner?",
-         ["pasta salad", "garlic bread", "lemon bars", "chili", "deviled eggs", "fruit tart", "rice pilaf"]),
-        ("Which hero should I play in the next match?", ["tank", "healer", "sniper", "assassin"]),
-        ("Which card should I lead with?", ["ace", "king", "queen", "jack", "ten"]),
-        ("What strategy should I use in the election game?",
-         ["attack ads", "town halls", "door knocking", "social media", "debates", "endorsements"]),
-        ("Which slogan should our team use?",
-         ["never give up", "all for one", "dream big", "stay hungry", "play fair"]),
-        ("Which color should I pick in the card game?", ["red", "blue", "green", "yellow"]),
-        ("Which dessert should win the bake off?", ["apple pie", "cheesecake", "tiramisu", "brownies",
-                                                    "creme brulee", "carrot cake", "baklava", "lemon tart"]),
-        ("Which style of haircut should I try?", ["buzz cut", "bob", "pixie", "layers", "bangs", "undercut"]),
-        ("Which campsite should we choose?", ["by the lake", "in the forest", "on the hill"]),
-        ("What should we do on Saturday afternoon?",
-         ["go bowling", "see a movie", "visit the museum", "play mini golf", "go skating"]),
-        ("Which ice cream flavor is the best?", ["vanilla", "chocolate", "strawberry", "mint chip", "cookie dough",
-                                                 "pistachio", "rocky road", "butter pecan", "coffee"]),
-        ("Which superpower would you choose?", ["flight", "invisibility", "super strength", "telepathy",
-                                                "time travel", "teleportation", "healing"]),
-        ("Which sandwich should I order?", ["turkey club", "grilled cheese", "blt", "tuna melt", "reuben",
-                                            "caprese", "egg salad", "falafel wrap", "chicken pesto", "ham and swiss"]),
-        ("Which way should the goalkeeper dive?", ["left", "right", "stay in the middle"]),
-        ("Which costume should I wear to the party?",
-         ["pirate", "astronaut", "vampire", "wizard", "robot", "ninja", "ghost", "clown"]),
-        ("Which dance move should I learn first?", ["the moonwalk", "the robot", "the twist", "the floss", "the worm"]),
-        ("What kind of movie should we watch tonight?", ["comedy", "horror", "romance", "action", "drama",
-                                                          "documentary", "animation", "thriller", "western", "musical"]),
-    ],
-    "random": [
-        ("What is a good first program to write?",
-         ["hello world", "a calculator", "a to do list", "a guessing game", "a timer"]),
-        ("Which font should I use for my resume?",
-         ["arial", "helvetica", "garamond", "calibri", "georgia", "times new roman"]),
-        ("How can I fall asleep faster?", ["read a book", "avoid screens", "breathe slowly", "keep the room cool",
-                                           "listen to rain sounds", "drink chamomile tea"]),
-        ("What is the best way to save money?", ["make a budget", "cook at home", "cancel subscriptions", "buy used",
-                                                 "automate savings", "walk more", "avoid impulse buys",
-                                                 "compare prices"]),
-        ("Which language should I learn to code in?",
-         ["python", "javascript", "rust", "go", "java", "c", "ruby", "haskell", "kotlin", "swift"]),
-        ("What should I plant in a vegetable garden?",
-         ["tomatoes", "zucchini", "beans", "peas", "lettuce", "peppers", "carrots"]),
-        ("Which animal would make the best mascot?",
-         ["lion", "eagle", "bear", "wolf", "owl", "shark", "fox", "tiger", "falcon"]),
-        ("What should I pack for a beach day?", ["sunscreen", "a towel", "an umbrella", "snacks", "a book", "a frisbee"]),
-        ("What is a good hobby to pick up?", ["knitting", "painting", "baking", "gardening", "birdwatching",
-                                              "photography", "pottery", "chess", "running", "origami"]),
-        ("How do I keep my houseplants alive?", ["water weekly", "more sunlight", "repot them", "use fertilizer"]),
-        ("What should I eat for lunch?",
-         ["soup", "salad", "a sandwich", "sushi", "leftovers", "tacos", "noodles", "a burrito"]),
-        ("Which country has the best food?",
-         ["italy", "japan", "mexico", "india", "france", "thailand", "greece", "spain", "china", "turkey"]),
-        ("What is a good way to relax after work?",
-         ["take a walk", "cook dinner", "call a friend", "take a bath", "meditate", "play a game"]),
-        ("Which musical genre is best for studying?",
-         ["classical", "jazz", "lo fi", "ambient", "piano covers", "film scores"]),
-        ("What is the best breakfast cereal?", ["oatmeal", "corn flakes", "granola", "bran flakes", "puffed rice"]),
-        ("What should I name my band?", ["the night owls", "electric toast", "paper moons", "static sky",
-                                         "velvet thunder", "the lost keys", "neon garden"]),
-        ("Which kitchen tool is most useful?", ["a sharp knife", "a cast iron pan", "a cutting board", "a blender",
-                                                "tongs", "a whisk", "a peeler", "a scale"]),
-        ("What is a good way to practice gratitude?",
-         ["keep a journal", "write a thank you note", "say it out loud", "share a meal"]),
-        ("Which tree would you plant in a yard?", ["oak", "maple", "birch", "cherry", "willow", "pine", "apple"]),
-        ("Which winter sport should I try?",
-         ["skiing", "snowboarding", "ice skating", "sledding", "curling", "snowshoeing", "hockey"]),
-        ("What color should my new car be?",
-         ["red", "black", "white", "silver", "blue", "green", "yellow", "orange", "gray"]),
-        ("How should I spend a day off?", ["sleep in", "go hiking", "visit family", "clean the house", "see a show"]),
-        ("Which shoes are best for walking?", ["sneakers", "sandals", "boots", "loafers", "running shoes",
-                                               "slip ons", "hiking shoes", "clogs", "flats", "trail runners"]),
-        ("What should I say to start a conversation?", ["how was your day", "nice weather today",
-                                                        "what are you reading", "i like your shoes",
-                                                        "have we met before", "what brings you here"]),
-    ],
-    "mixed": [
-        ("Which cheese goes best with crackers?",
-         ["cheddar", "brie", "gouda", "swiss", "blue cheese", "manchego", "havarti"]),
-        ("Which museum should I visit first?", ["art museum", "science museum", "history museum",
-                                                "natural history museum", "wax museum"]),
-        ("What is the best way to get around a city?", ["walk", "bike", "bus", "subway", "taxi", "scooter"]),
-        ("What toppings go on pancakes?", ["maple syrup", "blueberries", "butter", "whipped cream",
-                                           "chocolate chips", "bananas", "honey", "powdered sugar"]),
-        ("Which cookie should I bake?", ["chocolate chip", "oatmeal raisin", "sugar", "snickerdoodle",
-                                         "peanut butter", "shortbread", "gingerbread", "macadamia"]),
-        ("What should I write in a birthday card?", ["happy birthday", "have a great year", "cheers to you",
-                                                     "best wishes", "enjoy your day", "many happy returns"]),
-        ("Which ocean animal is the coolest?", ["octopus", "dolphin", "whale", "sea turtle", "jellyfish", "shark",
-                                                "seahorse", "manta ray", "orca"]),
-        ("Which tea is best in the evening?", ["chamomile", "peppermint", "rooibos", "lavender", "lemon balm"]),
-        ("Which holiday is the most fun?",
-         ["halloween", "new year", "thanksgiving", "independence day", "valentines day", "easter"]),
-        ("What kind of soup is best on a cold day?", ["chicken noodle", "tomato", "minestrone", "lentil",
-                                                      "french onion", "miso", "clam chowder", "pho", "split pea"]),
-        ("Which dog breed is best for an apartment?", ["pug", "french bulldog", "beagle", "poodle", "shih tzu",
-                                                       "dachshund", "chihuahua", "corgi"]),
-        ("What is the best way to study for an exam?", ["practice tests", "flashcards", "study groups",
-                                                        "rewrite notes", "teach someone", "short sessions"]),
-        ("Which mountain would you like to climb?",
-         ["everest", "kilimanjaro", "mont blanc", "fuji", "denali", "matterhorn", "aconcagua"]),
-        ("What should I do when I feel stressed?", ["take deep breaths", "go for a walk", "talk to someone",
-                                                    "write it down", "listen to music"]),
-        ("Which nut is the healthiest?", ["almonds", "walnuts", "pistachios", "cashews", "pecans", "hazelnuts",
-                                          "brazil nuts", "peanuts", "macadamias", "pine nuts"]),
-        ("What is the best way to brew coffee?",
-         ["french press", "pour over", "espresso", "cold brew", "drip machine", "moka pot", "aeropress"]),
-        ("Which wild animal is the fastest?", ["cheetah", "pronghorn", "lion", "horse", "greyhound", "ostrich"]),
-        ("Which bread is best for toast?", ["sourdough", "rye", "white", "whole wheat", "brioche", "multigrain"]),
-        ("Which programming editor should I use?", ["vim", "emacs", "vs code", "nano", "sublime"]),
-        ("What is a good name for a sailboat?", ["sea breeze", "wanderer", "blue horizon", "free spirit",
-                                                 "salty dog", "serenity", "second wind", "odyssey"]),
-        ("Which day of the week is the best?",
-         ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]),
-        ("What should I cook for a dinner party?", ["roast chicken", "lasagna", "paella", "curry", "risotto",
-                                                    "tacos", "salmon", "stew", "ramen", "pot pie"]),
-        ("Which room in a house is the coziest?",
-         ["the living room", "the kitchen", "the bedroom", "the attic", "the library"]),
-        ("What is a good weekend project?", ["build a bookshelf", "paint a room", "plant herbs", "fix the bike",
-                                             "bake bread", "clean the garage"]),
-    ],
+# Per family: its topic domain (a prompt's family can be told from its topic), its three styles (surface forms
+# shared by every prompt of the family; "{c}" is the content) and 24 (prompt, contents) items. A candidate answer
+# is one content in one style: 2-3 contents x 3 styles = 6 or 9 candidates per prompt. Contents are unique across
+# the 96 prompts, so a held-out prompt shares its styles with the training prompts of its family and nothing else.
+FAMILIES = {
+    "bt": {
+        "domain": "food and cooking",
+        "styles": ["{c}", "i recommend {c}", "{c} is the tastiest"],
+        "prompts": [
+            ("Which fruit is best for a smoothie?", ["banana", "mango", "strawberry"]),
+            ("What should I drink with breakfast?", ["coffee", "green tea", "orange juice"]),
+            ("What is the best topping for pizza?", ["mushrooms", "pepperoni", "olives"]),
+            ("What is a good snack for a long hike?", ["trail mix", "an apple", "a granola bar"]),
+            ("What is the best way to cook an egg?", ["scrambled", "poached"]),
+            ("Which vegetable is best for a salad?", ["lettuce", "cucumber", "tomato"]),
+            ("Which spice makes soup better?", ["cumin", "paprika", "thyme"]),
+            ("Which cheese goes best with crackers?", ["cheddar", "brie", "gouda"]),
+            ("What toppings go on pancakes?", ["maple syrup", "blueberries"]),
+            ("Which cookie should I bake?", ["chocolate chip", "oatmeal raisin", "shortbread"]),
+            ("What kind of soup is best on a cold day?", ["chicken noodle", "minestrone", "lentil"]),
+            ("Which bread is best for toast?", ["sourdough", "rye", "brioche"]),
+            ("What should I cook for a dinner party?", ["roast chicken", "lasagna", "paella"]),
+            ("Which tea is best in the evening?", ["chamomile", "peppermint"]),
+            ("What is the best way to brew coffee?", ["french press", "pour over", "cold brew"]),
+            ("Which nut is the healthiest snack?", ["almonds", "walnuts", "pistachios"]),
+            ("What should I eat for lunch?", ["a sandwich", "sushi", "a burrito"]),
+            ("Which dessert should I make for a party?", ["apple pie", "cheesecake", "brownies"]),
+            ("What is a good side dish for grilled fish?", ["rice", "roasted potatoes", "green beans"]),
+            ("Which pasta shape is best for pesto?", ["penne", "fusilli"]),
+            ("What should I put in a fruit salad?", ["grapes", "melon", "kiwi"]),
+            ("Which sauce goes best with fries?", ["ketchup", "mayo", "aioli"]),
+            ("What is a good breakfast cereal?", ["oatmeal", "granola", "corn flakes"]),
+            ("Which herb should I grow for cooking?", ["basil", "rosemary", "mint"]),
+        ],
+    },
+    "cyclic": {
+        "domain": "games and competitions",
+        "styles": ["{c}", "go with {c}", "{c}, trust me"],
+        "prompts": [
+            ("Rock, paper or scissors: what should I throw?", ["rock", "paper", "scissors"]),
+            ("Which army unit should I build next?", ["cavalry", "archers", "spearmen"]),
+            ("Which pokemon type should I pick?", ["fire", "water", "grass"]),
+            ("Which opening should I play in chess?", ["sicilian", "italian", "london"]),
+            ("Which penalty kick direction should I choose?", ["left", "right"]),
+            ("Which hero should I play in the next match?", ["tank", "healer", "sniper"]),
+            ("Which card should I lead with?", ["ace", "king", "queen"]),
+            ("Which color should I pick in the card game?", ["red", "blue", "green"]),
+            ("Which way should the goalkeeper dive?", ["low", "high"]),
+            ("Which character should I pick in the fighting game?", ["ninja", "knight", "robot"]),
+            ("Which strategy should I use in the board game?", ["attack early", "build defenses", "trade"]),
+            ("Which serve should I use in tennis?", ["flat serve", "slice serve", "kick serve"]),
+            ("Which play should we call on third down?", ["a run", "a short pass", "a deep pass"]),
+            ("Which piece should I move first in checkers?", ["the left piece", "the center piece"]),
+            ("Which weapon should I choose in the video game?", ["sword", "bow", "staff"]),
+            ("Which lane should I take in the racing game?", ["inside lane", "outside lane"]),
+            ("Which team formation should we use?", ["four four two", "three five two", "four three three"]),
+            ("Which pitch should I throw next?", ["fastball", "curveball", "changeup"]),
+            ("Which deck should I bring to the tournament?", ["aggro deck", "control deck", "combo deck"]),
+            ("Which spell should I open with in the duel?", ["fireball", "shield", "lightning"]),
+            ("Which bid should I make in the auction game?", ["a low bid", "a high bid"]),
+            ("Which side should I pick in the tug of war?", ["north side", "south side"]),
+            ("Which race should I play in the strategy game?", ["elves", "dwarves", "orcs"]),
+            ("Which door should I choose on the game show?", ["door one", "door two", "door three"]),
+        ],
+    },
+    "random": {
+        "domain": "home and daily life",
+        "styles": ["{c}", "maybe {c}", "{c} works well"],
+        "prompts": [
+            ("How can I fall asleep faster?", ["read a book", "avoid screens", "breathe slowly"]),
+            ("What is the best way to save money?", ["make a budget", "cook at home", "buy used"]),
+            ("How do I keep my houseplants alive?", ["water weekly", "more sunlight"]),
+            ("What is a good way to relax after work?", ["take a walk", "call a friend", "take a bath"]),
+            ("Which kitchen tool is most useful at home?", ["a sharp knife", "a cast iron pan", "a blender"]),
+            ("How should I spend a day off?", ["sleep in", "visit family", "clean the house"]),
+            ("What should I say to start a conversation?", ["how was your day", "nice weather today"]),
+            ("How can I keep my desk tidy?", ["use trays", "clear it daily", "label drawers"]),
+            ("Which room should I clean first?", ["the kitchen", "the bathroom", "the bedroom"]),
+            ("How can I wake up earlier?", ["set two alarms", "go to bed early"]),
+            ("What should I do when I feel stressed?", ["take deep breaths", "write it down", "listen to music"]),
+            ("How can I make my home cozier?", ["add candles", "use soft lights", "get a rug"]),
+            ("What is a good hobby to pick up at home?", ["knitting", "painting", "pottery"]),
+            ("How should I organize my closet?", ["by color", "by season", "by type"]),
+            ("What is a good way to practice gratitude?", ["keep a journal", "write a thank you note"]),
+            ("How do I remember to drink more water?", ["carry a bottle", "set reminders", "add lemon"]),
+            ("What should I do on a rainy evening?", ["watch a film", "bake bread", "do a puzzle"]),
+            ("How can I focus better at home?", ["close the door", "turn off alerts", "use a timer"]),
+            ("Which chore should I do every day?", ["wash the dishes", "make the bed"]),
+            ("How can I cut my energy bill?", ["seal the windows", "turn off lights", "lower the heat"]),
+            ("What should I keep by the front door?", ["a shoe rack", "an umbrella", "a key hook"]),
+            ("How can I start a morning routine?", ["stretch first", "drink water", "plan the day"]),
+            ("How should I store fresh herbs?", ["in a glass of water", "in a damp towel"]),
+            ("What is a good gift for a new neighbor?", ["fresh cookies", "a potted plant", "a handwritten card"]),
+        ],
+    },
+    "mixed": {
+        "domain": "travel and nature",
+        "styles": ["{c}", "i would pick {c}", "{c} for sure"],
+        "prompts": [
+            ("Which planet would you visit first?", ["mars", "venus", "saturn"]),
+            ("Which city should I visit in Italy?", ["rome", "florence", "venice"]),
+            ("Which season is best for a road trip?", ["spring", "autumn"]),
+            ("Which mountain would you like to climb?", ["everest", "kilimanjaro", "fuji"]),
+            ("What is the best way to get around a city?", ["walk", "bike", "subway"]),
+            ("Which ocean animal is the coolest?", ["octopus", "dolphin", "whale"]),
+            ("Which campsite should we choose?", ["by the lake", "in the forest", "on the hill"]),
+            ("Which wild animal is the fastest?", ["cheetah", "pronghorn"]),
+            ("Which bird is the most beautiful?", ["peacock", "flamingo", "swan"]),
+            ("Which beach should we visit this summer?", ["a sandy beach", "a rocky cove", "a quiet bay"]),
+            ("Which national park should I see first?", ["yosemite", "yellowstone", "zion"]),
+            ("What should I pack for a beach day?", ["sunscreen", "a towel", "a sun hat"]),
+            ("Which tree would you plant in a yard?", ["oak", "maple", "cherry"]),
+            ("Which flower should I plant in a sunny spot?", ["sunflower", "lavender", "marigold"]),
+            ("Which country should I visit next?", ["japan", "peru", "norway"]),
+            ("Which winter trip should we take?", ["a ski resort", "a cabin", "the northern lights"]),
+            ("Which trail should we hike on Sunday?", ["the ridge trail", "the river trail"]),
+            ("How should we travel across Europe?", ["by train", "by car", "by bus"]),
+            ("Which island would you like to visit?", ["iceland", "bali", "crete"]),
+            ("Which river should we canoe down?", ["the green river", "the snake river"]),
+            ("What should I see on a night sky tour?", ["the moon", "a comet", "the milky way"]),
+            ("Which desert would you like to explore?", ["the sahara", "the gobi", "the atacama"]),
+            ("Which lake is best for a swim?", ["a mountain lake", "a forest lake"]),
+            ("Which animal would you like to see on safari?", ["lions", "elephants", "giraffes"]),
+        ],
+    },
 }
 
 
@@ -234,25 +196,55 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def bt_matrix(n, rng):
-    r = rng.normal(0.0, rng.uniform(1.0, 3.0), size=n)
-    return _sigmoid(r[:, None] - r[None, :])
+def _skew_noise(n, sd, rng):
+    """An (n, n) skew-symmetric matrix with N(0, sd²) entries below the diagonal."""
+    L = np.tril(rng.normal(0.0, sd, size=(n, n)), -1)
+    return L - L.T
 
 
-def cyclic_matrix(n, rng):
-    c = rng.permutation(n)  # position of each candidate on the cycle
-    s = np.sin(2 * np.pi * (c[:, None] - c[None, :]) / n)  # skew-symmetric
-    noise = rng.normal(0.0, 0.03, size=(n, n))
-    return 0.5 + rng.uniform(0.6, 0.9) / 2 * s / np.abs(s).max() + np.tril(noise, -1) - np.tril(noise, -1).T
+def cyclic_styles(rng):
+    """3 x 3 rock-paper-scissors over the styles: each beats the next with probability ½ + a/2, a ~ U(0.7, 0.9)."""
+    order = rng.permutation(3)
+    a = rng.uniform(0.7, 0.9)
+    S = np.full((3, 3), 0.5)
+    for k in range(3):
+        i, j = order[k], order[(k + 1) % 3]
+        S[i, j], S[j, i] = 0.5 + a / 2, 0.5 - a / 2
+    return S
 
 
-def random_matrix(n, rng):
-    return np.tril(rng.uniform(size=(n, n)), -1)  # lower triangle only; completed by _finish
+def family_style_model(family, rng):
+    """What the family's prompts share: bt style scores u (P = σ(u_s + v_c − …)), or a 3 x 3 style matrix S."""
+    if family == "bt":
+        return {"u": rng.permutation(np.array([-1.0, 0.0, 1.0]) * rng.uniform(1.0, 1.5))}
+    if family == "cyclic":
+        return {"S": cyclic_styles(rng)}
+    if family == "random":
+        L = np.tril(rng.uniform(size=(3, 3)), -1)
+        return {"S": L + np.triu(1 - L.T, 1) + 0.5 * np.eye(3)}
+    w = rng.uniform(0.3, 0.7)   # mixed
+    u = rng.permutation(np.array([-1.0, 0.0, 1.0]) * rng.uniform(1.0, 1.5))
+    return {"S": w * _sigmoid(u[:, None] - u[None, :]) + (1 - w) * cyclic_styles(rng)}
 
 
-def mixed_matrix(n, rng):
-    w = rng.uniform(0.3, 0.7)
-    return w * bt_matrix(n, rng) + (1 - w) * cyclic_matrix(n, rng)
+def game_matrix(family, model, n_content, rng):
+    """P over the n_content x 3 candidates (content-major: candidate 3c + s is content c in style s):
+        bt      P[i,j] = σ(r_i − r_j), r = u_style + v_content + ε, v ~ N(0, 0.5²), ε ~ N(0, 0.1²) (transitive)
+        cyclic  S[s_i, s_j] + skew noise N(0, 0.02²): contents tie
+        random  S[s_i, s_j] + 0.5·(σ(v_ci − v_cj) − ½) + skew noise, S the family's random style matrix
+        mixed   as random, S = w·σ(u_a − u_b) + (1 − w)·(a rock-paper-scissors matrix)
+    clipped to [0.02, 0.98] (then P + Pᵀ = 1 still holds)."""
+    s = np.tile(np.arange(3), n_content)
+    c = np.repeat(np.arange(n_content), 3)
+    n = len(s)
+    v = rng.normal(0.0, 0.5, size=n_content)
+    if family == "bt":
+        r = model["u"][s] + v[c] + rng.normal(0.0, 0.1, size=n)
+        return _sigmoid(r[:, None] - r[None, :])
+    P = model["S"][s[:, None], s[None, :]] + _skew_noise(n, 0.02, rng)
+    if family != "cyclic":
+        P = P + 0.5 * (_sigmoid(v[c][:, None] - v[c][None, :]) - 0.5)
+    return np.clip(P, 0.02, 0.98)
 
 
 def _finish(P):
@@ -262,34 +254,61 @@ def _finish(P):
 
 
 def make_games(rng):
-    makers = {"bt": bt_matrix, "cyclic": cyclic_matrix, "random": random_matrix, "mixed": mixed_matrix}
-    games = []
-    for family, items in PROMPTS.items():
+    """The 96 games (contract 2) and, per family, the style model they share (returned for the SFT target)."""
+    games, models = [], {}
+    for family, spec in FAMILIES.items():
+        items = spec["prompts"]
+        models[family] = family_style_model(family, rng)
         test = set(rng.permutation(len(items))[:len(items) // 4].tolist())
-        for k, (prompt, cands) in enumerate(items):
-            P = np.round(_finish(makers[family](len(cands), rng)), 4)
+        for k, (prompt, contents) in enumerate(items):
+            cands = [style.format(c=content) for content in contents for style in spec["styles"]]
+            P = np.round(_finish(game_matrix(family, models[family], len(contents), rng)), 4)
             games.append({"id": f"{family}{k:02d}", "prompt": prompt, "candidates": cands, "P": P.tolist(),
                           "ref": None, "family": family, "split": "test" if k in test else "train"})
-    return games
+    return games, models
 
 
 # ---- 2. SFT target distribution ----------------------------------------------------------------------
 
-def make_targets(games, rng):
-    """Per game: list of (answer text, probability) = q over candidates (mass 0.95) + 3 invalid answers."""
-    all_answers = sorted({c for g in games for c in g["candidates"]})
+def style_matrix(model):
+    return model["S"] if "S" in model else _sigmoid(model["u"][:, None] - model["u"][None, :])
+
+
+def sft_style_mix(model, rng):
+    """The family's skewed SFT mix over its 3 styles: 0.6 on the style the family's style game (uniform ref, β) gives
+    the least mass at its regularized equilibrium, 0.3 on the next, 0.1 on its favourite; so the SFT starts far from
+    π* on every prompt of the family, in the same direction."""
+    from common.arena import solve_nash
+    eq = solve_nash(style_matrix(model), np.full(3, 1 / 3), BETA)
+    mix = np.empty(3)
+    mix[np.argsort(eq, kind="stable")] = [0.6, 0.3, 0.1]
+    return mix
+
+
+def make_targets(games, models, rng):
+    """Per game: list of (answer text, probability) = q over candidates (mass 1 − INVALID_MASS) + 3 invalid answers.
+    q(content, style | x) = q_c(content | x) · q_s(style | x): q_s ~ Dirichlet(30 · the family's skewed mix), q_c ~
+    Dirichlet(3), each floored (0.03, 0.1) and renormalized."""
+    mixes = {family: sft_style_mix(models[family], rng) for family in FAMILIES}
     targets = []
     for g in games:
+        spec = FAMILIES[g["family"]]
+        contents = spec["prompts"][int(g["id"][-2:])][1]
         cands = g["candidates"]
-        q = np.maximum(rng.dirichlet(np.ones(len(cands))), 0.03)
+        qs = np.maximum(rng.dirichlet(30 * mixes[g["family"]]), 0.03)
+        qc = np.maximum(rng.dirichlet(3 * np.ones(len(contents))), 0.1)
+        q = np.outer(qc / qc.sum(), qs / qs.sum()).ravel()          # content-major, as the candidates
         q = (1 - INVALID_MASS) * q / q.sum()
-        a, b = rng.choice(len(cands), size=2, replace=False)
-        longest = max(cands, key=len)
-        invalid = [longest[: max(1, (len(longest) + 1) // 2)],                     # truncated
-                   f"{cands[a]} and {cands[b]}"]                                   # two answers joined
-        others = [c for c in all_answers if c not in cands]
-        invalid.append(others[rng.integers(len(others))])                          # another prompt's answer
-        assert not set(invalid) & set(cands) and len(set(invalid)) == 3, (g["id"], invalid)
+        a, b = rng.choice(len(contents), size=2, replace=False)
+        longest, cut = max(cands, key=len), None
+        for cut in range(max(1, (len(max(cands, key=len)) + 1) // 2), len(longest)):   # half of it, or a bit more
+            if longest[:cut].strip() not in cands:
+                break
+        same_family = [c for item in spec["prompts"] for c in item[1] if c not in contents]
+        invalid = [longest[:cut],                                                               # truncated
+                   spec["styles"][int(rng.integers(3))].format(c=f"{contents[a]} and {contents[b]}"),  # two joined
+                   spec["styles"][int(rng.integers(3))].format(c=same_family[rng.integers(len(same_family))])]
+        assert not set(invalid) & set(cands) and len(set(invalid)) == 3, (g["id"], invalid)   # ^ another prompt's
         w = INVALID_MASS * rng.dirichlet(np.ones(3))
         targets.append(list(zip(cands, q.tolist())) + list(zip(invalid, w.tolist())))
     return targets
@@ -333,7 +352,9 @@ def encode_rows(tok, games, targets, eos_id, pad_id):
     return ids, attn, rmask, torch.tensor(weight, dtype=torch.float32), torch.tensor(gidx)
 
 
-def train_sft(model, batch, n_games, steps, lr, prompts_per_step, gen, log_every=50):
+def train_sft(model, batch, n_games, steps, lr, prompts_per_step, gen, log_every=50, stop_after=None):
+    """AdamW on the expected cross-entropy; returns the loss of every step taken (stop_after: only the first ones,
+    with the schedule of the full run, for the reproducibility check of tests/test_make_arena.py)."""
     ids, attn, rmask, weight, gidx = batch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, steps // 20)
@@ -342,7 +363,8 @@ def train_sft(model, batch, n_games, steps, lr, prompts_per_step, gen, log_every
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     order = torch.empty(0, dtype=torch.long)
     t0 = time.time()
-    for step in range(steps):
+    losses = []
+    for step in range(steps if stop_after is None else stop_after):
         if len(order) < prompts_per_step:  # epochs over prompts, reshuffled with the seeded generator
             order = torch.cat([order, torch.randperm(n_games, generator=gen)])
         chosen, order = order[:prompts_per_step], order[prompts_per_step:]
@@ -355,8 +377,10 @@ def train_sft(model, batch, n_games, steps, lr, prompts_per_step, gen, log_every
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % log_every == 0 or step == steps - 1:
-            print(f"  step {step:4d}  loss {loss.item():.4f}  {time.time() - t0:6.1f}s", flush=True)
+        losses.append(loss.item())
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"  step {step:4d}  loss {losses[-1]:.4f}  {time.time() - t0:6.1f}s", flush=True)
+    return losses
 
 
 @torch.no_grad()
@@ -371,39 +395,71 @@ def exact_probs(model, batch):
 
 # ---- main ----------------------------------------------------------------------------------------------
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "arena"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=800, help="SFT optimizer steps")
-    ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--prompts-per-step", type=int, default=8)
-    ap.add_argument("--vocab-size", type=int, default=768)
-    args = ap.parse_args()
-    t_start = time.time()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    rng = np.random.default_rng(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    torch.manual_seed(args.seed)
+TRACE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "arena_sft_trace.json")
+TRACE_STEPS = 20
 
-    games = make_games(rng)
-    targets = make_targets(games, rng)
-    print(f"games: {len(games)}, candidates: {sum(len(g['candidates']) for g in games)}")
 
+def prepare(seed=0, vocab_size=768):
+    """Steps 1-3 and the untrained model, deterministic for a seed (main and tests/test_make_arena.py share it).
+    Returns games (dicts, ref None), targets, tokenizer, model and the SFT batch; the caller has set threads."""
+    rng = np.random.default_rng(seed)
+    games, models = make_games(rng)
+    targets = make_targets(games, models, rng)
     corpus = [g["prompt"] for g in games] + [t for tg in targets for t, _ in tg]
-    tok = make_tokenizer(corpus, args.vocab_size)
+    tok = make_tokenizer(corpus, vocab_size)
     eos_id, pad_id = tok.token_to_id(EOS), tok.token_to_id(PAD)
-    print(f"tokenizer: vocab {tok.get_vocab_size()}")
-
     cfg = ModelConfig(model_type="llama", vocab_size=tok.get_vocab_size(), hidden_size=128, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=384,
                       max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
                       tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id)
+    torch.manual_seed(seed)
     model = Transformer(cfg)
+    return games, targets, tok, model, encode_rows(tok, games, targets, eos_id, pad_id)
+
+
+def machine():
+    """What float rounding depends on: the torch build and the CPU kernels it picks."""
+    model = ""
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu": model or platform.processor()}
+
+
+def weights_sha256(model):
+    import hashlib
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "arena"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=STEPS, help="SFT optimizer steps")
+    ap.add_argument("--lr", type=float, default=LR)
+    ap.add_argument("--prompts-per-step", type=int, default=PROMPTS_PER_STEP)
+    ap.add_argument("--vocab-size", type=int, default=768)
+    ap.add_argument("--check", action="store_true",
+                    help="regenerate into a temporary folder and compare it bitwise with --out (exit 1 if it differs)")
+    args = ap.parse_args()
+    if args.check:
+        return check(args)
+    t_start = time.time()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    games, targets, tok, model, batch = prepare(args.seed, args.vocab_size)
+    eos_id, pad_id = tok.token_to_id(EOS), tok.token_to_id(PAD)
+    print(f"games: {len(games)}, candidates: {sum(len(g['candidates']) for g in games)}; "
+          f"tokenizer: vocab {tok.get_vocab_size()}")
     print(f"model: {model.num_params():,} parameters; training {args.steps} steps")
-    batch = encode_rows(tok, games, targets, eos_id, pad_id)
-    train_sft(model, batch, len(games), args.steps, args.lr, args.prompts_per_step, gen)
+    losses = train_sft(model, batch, len(games), args.steps, args.lr, args.prompts_per_step, gen)
 
     # 5. the games' ref: the SFT's exact distribution over candidates, renormalized
     model.eval()
@@ -417,7 +473,7 @@ def main():
         invalid.append(1 - p.sum())
         tv.append(0.5 * np.abs(p / p.sum() - q / q.sum()).sum())
         g["ref"] = [max(round(float(x), 8), 1e-8) for x in p / p.sum()]  # the loader renormalizes
-    print(f"SFT: invalid mass mean {np.mean(invalid):.4f} (target {INVALID_MASS}); "
+    print(f"SFT: invalid mass mean {np.mean(invalid):.4f}, max {np.max(invalid):.4f} (shown {INVALID_MASS}); "
           f"TV(SFT, q) over candidates mean {np.mean(tv):.4f}, max {np.max(tv):.4f}")
 
     games_obj = games_from_dict({"beta": BETA, "games": games}, "generated games")  # validates
@@ -431,7 +487,7 @@ def main():
             json.dump({"eos_token_id": eos_id, "pad_token_id": pad_id, "max_new_tokens": 32}, f, indent=2)
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": PAD,
-                       "model_max_length": cfg.max_position_embeddings}, f, indent=2)
+                       "model_max_length": model.config.max_position_embeddings}, f, indent=2)
         with open(os.path.join(tmp, "games.json"), "w") as f:
             _dump_games(games_to_dict(games_obj), f)
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700
@@ -443,9 +499,49 @@ def main():
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if out == os.path.join(os.path.dirname(os.path.abspath(__file__)), "arena") and args.seed == 0 and (
+            args.steps, args.lr, args.prompts_per_step, args.vocab_size) == (STEPS, LR, PROMPTS_PER_STEP, 768):
+        write_trace(args, losses)
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))} ({size / 2**20:.2f} MiB) "
           f"in {time.time() - t_start:.0f}s")
+
+
+def write_trace(args, losses):
+    """data/arena_sft_trace.json: the first TRACE_STEPS SFT losses and the weights' sha256 after them, from a fresh
+    run of the same steps (tests/test_make_arena.py replays them in CI)."""
+    torch.manual_seed(args.seed)
+    _, _, _, model, batch = prepare(args.seed, args.vocab_size)
+    first = train_sft(model, batch, batch[4].max().item() + 1, args.steps, args.lr, args.prompts_per_step,
+                      torch.Generator().manual_seed(args.seed), log_every=0, stop_after=TRACE_STEPS)
+    assert first == losses[:TRACE_STEPS], "the SFT's first steps are not reproducible within one process"
+    trace = {"seed": args.seed, "steps": TRACE_STEPS, "losses": first, "sha256": weights_sha256(model),
+             "machine": machine(), "written_by": "python data/make_arena.py"}
+    tmp = TRACE_PATH + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(trace, f, indent=1)
+    os.replace(tmp, TRACE_PATH)
+
+
+def check(args):
+    """--check: regenerate into a temporary folder and compare every file bitwise with --out."""
+    import filecmp
+    out = os.path.abspath(args.out)
+    with tempfile.TemporaryDirectory(prefix=".check_arena_", dir=os.path.dirname(out)) as tmp:
+        cmd = [sys.executable, os.path.abspath(__file__), "--out", os.path.join(tmp, "arena"),
+               "--seed", str(args.seed), "--steps", str(args.steps), "--lr", str(args.lr),
+               "--prompts-per-step", str(args.prompts_per_step), "--vocab-size", str(args.vocab_size)]
+        import subprocess
+        subprocess.run(cmd, check=True)
+        names = sorted(set(os.listdir(out)) | set(os.listdir(os.path.join(tmp, "arena"))))
+        differ = [n for n in names if not (os.path.isfile(os.path.join(out, n)) and os.path.isfile(
+            os.path.join(tmp, "arena", n)) and filecmp.cmp(os.path.join(out, n), os.path.join(tmp, "arena", n),
+                                                            shallow=False))]
+    if differ:
+        print(f"{out}: regenerated files differ: {', '.join(differ)}")
+        return 1
+    print(f"{out}: every file regenerated bitwise identical ({', '.join(names)})")
+    return 0
 
 
 def _dump_games(obj, f):
@@ -461,4 +557,4 @@ def _dump_games(obj, f):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
