@@ -7,8 +7,9 @@ Each (algorithm, seed) is one run of its script with its defaults (plus --seed, 
 in its own subprocess, under <runs>/<algorithm>__<seed>. Finished run dirs are reused, so an interrupted table
 resumes. The final evaluation of each run (metrics.jsonl, last line) gives mean ± std over seeds of dual_gap, kl_ne,
 exploit, win_vs_ref and valid for every split and family; the SFT row is iteration 0 (the same for every run).
-Writes <out>.md (and <out>.png, dual_gap against iteration, when matplotlib happens to be installed) and prints the
-Markdown. --readme FILE replaces FILE's region between `<!-- table:begin -->` and `<!-- table:end -->` with the
+Writes <out>.md (the headline table: train and test dual_gap per algorithm; dual_gap per split and family; every
+metric) and <out>.png (dual_gap against iteration, train and test; needs matplotlib, a development-only package:
+`pip install matplotlib`; skipped without it) and prints the Markdown. --readme FILE replaces FILE's region between `<!-- table:begin -->` and `<!-- table:end -->` with the
 summary table. Not a test: wall times depend on the machine and on what else runs.
 """
 import argparse
@@ -114,6 +115,21 @@ def build_tables(results, seeds):
         ws = [w for _, w in results[name] if w is not None]
         return f"{np.mean(ws):.0f}" if ws else "—"
 
+    def cell(name, m, s):
+        return mean_std(final(name, m, s))
+
+    sft_test = final("SFT (π_ref)", "dual_gap", ("test", ""))[0]
+    headline = [f"Final iterate, mean ± std over {len(seeds)} seeds. dual_gap: 0 at the β-regularized Nash "
+                "equilibrium; test: the 24 held-out prompts no script trains on; Δ test: change of the test "
+                "dual_gap from the SFT model's.", "",
+                "| algorithm | train dual_gap | test dual_gap | Δ test | test/cyclic kl_ne | valid | wall s |",
+                "|---|---|---|---|---|---|---|"]
+    for n in names:
+        t = np.mean(final(n, "dual_gap", ("test", "")))
+        delta = "—" if n == "SFT (π_ref)" else f"{100 * (t / sft_test - 1):+.0f}%"
+        headline.append(f"| {n} | {cell(n, 'dual_gap', ('train', ''))} | {cell(n, 'dual_gap', ('test', ''))} | "
+                        f"{delta} | {cell(n, 'kl_ne', ('test', 'cyclic'))} | {cell(n, 'valid', ('all', ''))} | "
+                        f"{wall(n)} |")
     summary = [f"**dual_gap** after the last iteration (mean ± std over {len(seeds)} seeds; lower is better, 0 at "
                "the β-regularized Nash equilibrium)"]
     for split in [s[0] for s in sl if not s[1] and s[0] != "all"]:
@@ -130,7 +146,7 @@ def build_tables(results, seeds):
         for n in names:
             detail.append(f"| {n} | " + " | ".join(mean_std(final(n, m, s)) for m in METRICS) + f" | {wall(n)} |")
         detail.append("")
-    return "\n".join(summary), "\n".join(detail)
+    return "\n".join(headline), "\n".join(summary), "\n".join(detail)
 
 
 def machine():
@@ -155,23 +171,31 @@ def commit():
         return "unknown"
 
 
-def plot(results, path):
+def plot(results, path, policy):
+    """dual_gap against iteration, train and test panels: mean over seeds, the band spans the seeds' min and max."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, runs in results.items():
-        prefix = ALGORITHMS[name][2]
-        curves = np.array([[r[f"{prefix}/dual_gap/train"] for r in rows] for rows, _ in runs])
-        ax.plot(np.arange(curves.shape[1]), curves.mean(0), marker="o", label=name)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("train dual_gap")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, split in zip(axes, ("train", "test")):
+        for k, (name, runs) in enumerate(results.items()):
+            prefix = ALGORITHMS[name][2]
+            curves = np.array([[r[f"{prefix}/dual_gap/{split}"] for r in rows] for rows, _ in runs])
+            x = np.arange(curves.shape[1])
+            style = "-" if k < 10 else "--"
+            ax.plot(x, curves.mean(0), style, marker="o", ms=3, label=name, color=f"C{k % 10}")
+            ax.fill_between(x, curves.min(0), curves.max(0), alpha=0.15, color=f"C{k % 10}")
+        ax.set_title(f"{split} prompts ({policy})")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("dual_gap (exact)")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
 
 
@@ -238,19 +262,19 @@ def main(argv=None):
     total = time.perf_counter() - t0
     results = {n: [read_run(os.path.join(runs, f"{run_key(n)}__{s}")) for s in seeds] for n in names}
 
-    summary, detail = build_tables(results, seeds)
+    headline, summary, detail = build_tables(results, seeds)
     header = (f"Arena, `--policy {args.policy}`, every script's defaults{' plus `' + args.extra + '`' if extra else ''}; "
               f"seeds {', '.join(map(str, seeds))}; {args.jobs} runs at a time, 1 torch thread each. "
               f"Machine: {machine()}. Commit {commit()}, {time.strftime('%Y-%m-%d')}. Table wall time "
               f"{total / 60:.1f} min (runs reused from an earlier invocation count 0). \"wall s\": mean wall time "
               f"of one run.")
-    text = f"{header}\n\n{summary}\n\n{detail}"
+    text = f"{header}\n\n{headline}\n\n{summary}\n\n{detail}"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".md", "w") as f:
         f.write(f"# Arena results ({args.policy})\n\n{text}\n")
-    png = plot(results, out + ".png")
+    png = plot(results, out + ".png", args.policy)
     if args.readme:
-        splice(args.readme, f"{header}\n\n{summary}")
+        splice(args.readme, f"{header}\n\n{headline}")
     print(text)
     print(f"wrote {out}.md" + (f" and {png}" if png else ""), file=sys.stderr)
 

@@ -1,5 +1,5 @@
 """The arena's exact metrics: the regularized-equilibrium solver, the duality gap, games-file validation, and
-the SFT metrics table reported in README.md."""
+the SFT metrics table reported in docs/arena.md."""
 import io
 import json
 import os
@@ -241,10 +241,10 @@ def test_arena_games_file():
     assert len({g.prompt for g in games}) == len(games)
 
 
-# ---- the SFT metrics the README reports -----------------------------------------------------------------
+# ---- the SFT metrics docs/arena.md reports--------------------------------------------------------------
 
 def _readme_table():
-    text = open(os.path.join(ROOT, "README.md")).read()
+    text = open(os.path.join(ROOT, "docs", "arena.md")).read()
     region = text[text.index("<!-- arena:begin -->"):text.index("<!-- arena:end -->")]
     rows = {}
     for line in region.splitlines():
@@ -255,7 +255,7 @@ def _readme_table():
 
 
 def test_readme_reports_the_committed_sft_metrics():
-    """The README's SFT table equals freshly computed metrics of the committed checkpoint (printed with 4
+    """docs/arena.md's SFT table equals freshly computed metrics of the committed checkpoint (printed with 4
     decimals: a fresh value may differ from the printed one by half a unit in the last place + float noise), and
     `python -m common.arena --split test` prints the same test rows."""
     rows = _readme_table()

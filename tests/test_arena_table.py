@@ -26,6 +26,16 @@ def test_table_cells_are_mean_and_std_of_the_runs(tmp_path):
         for m, cell in zip(arena_table.METRICS, cells):
             xs = np.array([f[k.format(m)] for f in finals])
             assert cell == f"{xs.mean():.4f} ± {xs.std(ddof=1):.4f}", (m, cell)
+    # the headline: train and test dual_gap, the test change against the SFT model's, test/cyclic kl_ne, valid
+    sft_test = read_metrics(runs / "inpo__1")[0]["eval/dual_gap/test"]
+    head = next(line for line in md.split("| algorithm | train dual_gap |", 1)[1].splitlines()
+                if line.startswith("| online DPO |"))
+    cells = [c.strip() for c in head.strip("|").split("|")][1:]
+    for cell, k in zip(cells, ["eval/dual_gap/train", "eval/dual_gap/test", None, "eval/kl_ne/test/cyclic",
+                               "eval/valid"]):
+        xs = np.array([f[k] for f in finals]) if k else np.array([f["eval/dual_gap/test"] for f in finals])
+        want = f"{xs.mean():.4f} ± {xs.std(ddof=1):.4f}" if k else f"{100 * (xs.mean() / sft_test - 1):+.0f}%"
+        assert cell == want, (k, cell, want)
     sft = read_metrics(runs / "inpo__1")[0]["eval/dual_gap/train"]
     assert "| SFT (π_ref) | " in md and f"{sft:.4f}" in md
     text = readme.read_text()
