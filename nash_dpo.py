@@ -54,6 +54,13 @@ Deviations from the paper (numbered)
        smoothing. Online DPO is "online" per iteration: all of an iteration's pairs are drawn from the frozen π_t,
        then trained on for `epochs` passes, where OAIF (Guo et al. 2024, arXiv 2402.04792) samples fresh pairs
        from the current policy at every optimizer step.
+    9. Tabular defaults (`--policy tabular`; the LM worlds keep theirs), for every mode: 10 iterations of 2048 groups
+       per prompt, each iteration's pairs trained on for 30 full-batch Adam steps (batch 2²⁰) at lr 0.03 (previously
+       the LM-sized `--iterations 6 --groups-per-prompt 8 --epochs 2 --batch-size 64 --lr 0.05`). Full batches make
+       the number of steps independent of how many games a file holds; with them, online DPO's last iterate gets
+       within a tenth of the starting KL(π_r‖π_ref) of π_r on the BT games of tests/test_tabular_defaults.py
+       (figures: bench/results/tabular_testbed.md). The paper's DNO-Prct sampling (K = 5, the default, at temperature
+       0.7) is `--temperature 0.7`.
 """
 import time
 from dataclasses import dataclass
@@ -67,27 +74,28 @@ from common.run import RunDir, WorldArgs, batched_logprobs, cli, comparison_tabl
 
 @dataclass
 class Args(WorldArgs):
-    iterations: int = 6
-    """T: number of iterations (π_{t+1} is trained from π_t)"""
+    iterations: int | None = None
+    """T: number of iterations (π_{t+1} is trained from π_t; default 6 on the LM worlds, 10 for tabular)"""
     ref: str = "prev"
     """anchor of the loss: prev (π_t: DNO Eq. 13, iterative DPO) or sft (the fixed π_ref: online DPO)"""
     pairs: str = "dno"
     """dno (win rates, large margin), best-worst (RLHFlow), random (online DPO) or exact (tabular, L-BFGS)"""
     samples_per_prompt: int = 5
     """K, samples in each group (DNO: 5); --pairs random uses 2"""
-    groups_per_prompt: int = 8
-    """independent groups of K samples per prompt and iteration; each group gives at most one pair"""
+    groups_per_prompt: int | None = None
+    """independent groups of K samples per prompt and iteration; each group gives at most one pair (default 8 on the
+    LM worlds, 2048 for tabular)"""
     margin: float = 0.5
     """--pairs dno keeps a pair only when r̂(y⁺) − r̂(y⁻) ≥ margin (win rates among the K samples)"""
     eta: float | None = None
     """η of Eqs. (8), (9), (13), the DPO β of the baselines (default: the games file's β)"""
     lr: float | None = None
     """Adam learning rate (default 2e-4 for the arena LM, 1e-6 for a real checkpoint
-    (--prompts), 0.05 for tabular)"""
-    epochs: int = 2
-    """passes over an iteration's pairs"""
-    batch_size: int = 64
-    """pairs per optimizer step"""
+    (--prompts), 0.03 for tabular)"""
+    epochs: int | None = None
+    """passes over an iteration's pairs (default 2 on the LM worlds, 30 for tabular)"""
+    batch_size: int | None = None
+    """pairs per optimizer step (default 64 on the LM worlds; tabular 2²⁰, i.e. all of an iteration's pairs)"""
     temperature: float = 1.0
     """sampling temperature of π_t (paper 0.7; 1 samples from π_t itself)"""
 
@@ -196,7 +204,7 @@ def main(args: Args):
     if args.pairs == "exact" and args.policy != "tabular":
         fail("--pairs exact needs --policy tabular (exact expectations over a finite action set)")
     for name in ("iterations", "groups_per_prompt", "epochs", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # None: the world's default, below
             fail(f"--{name.replace('_', '-')} must be ≥ 1")
     if args.samples_per_prompt < 2:
         fail(f"--samples-per-prompt {args.samples_per_prompt}: a group needs K ≥ 2 samples")
@@ -204,7 +212,12 @@ def main(args: Args):
         fail(f"--margin {args.margin}: a win-rate difference in (0, 1]")
     world = setup_world(args)
     args.eta = world.beta if args.eta is None else args.eta
-    args.lr = args.lr if args.lr is not None else {"tabular": 0.05, "arena": 2e-4, "real": 1e-6}[world.kind]
+    args.lr = args.lr if args.lr is not None else {"tabular": 0.03, "arena": 2e-4, "real": 1e-6}[world.kind]
+    tabular = world.kind == "tabular"                       # world-specific defaults (deviation 9)
+    for name, lm, table in (("iterations", 6, 10), ("groups_per_prompt", 8, 2048), ("epochs", 2, 30),
+                            ("batch_size", 64, 2 ** 20)):
+        if getattr(args, name) is None:
+            setattr(args, name, table if tabular else lm)
     if args.lr <= 0 or args.temperature <= 0 or args.eta <= 0:
         fail(f"--lr, --temperature and --eta must be > 0 (got {args.lr}, {args.temperature}, {args.eta})")
     policy, ref, judge, gen = world.policy, world.ref, world.judge, world.generator

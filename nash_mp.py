@@ -39,20 +39,27 @@ Deviations (numbered)
     2. No exponential moving average: a summary says the LLM version adds an EMA "for stability" without saying
        of what; here the anchor is exactly π^k (the previous iterate's parameters).
     3. The reward of a sampled y is P(y ≻ opponent) estimated as the mean of the oracle's probabilities P(y ≻ y'_j)
-       over K_opp = 16 opponent samples of the prompt (not a Bernoulli label against one y'), drawn once per
-       proximal step: every inner step plays the same empirical opponent, which is unbiased for the true one but
-       whose error does not average out within the step (the sampled tabular run levels off higher with 16 opponent
-       samples than with 256, README).
+       over K_opp = 16 opponent samples of the prompt (tabular: 2048, deviation 7; not a Bernoulli label against one
+       y'), drawn once per proximal step: every inner step plays the same empirical opponent, which is unbiased for
+       the true one but whose error does not average out within the step (the sampled tabular run levels off higher
+       with 16 opponent samples than with 256, README).
     4. β defaults to the games file's β (the regularization the metrics measure), η to 2β (the largest step the
        stated conditions allow; then the claimed rate is (1+2β)^{−1} per iteration).
-    5. Inner optimization: Adam at a constant learning rate for `inner_steps` steps per proximal step, K = 8 fresh
-       on-policy samples per prompt each step; identical responses of a prompt are scored once, weighted by their
-       count (the paper's optimizer and batch are not known). Each sample's baseline is the mean sequence return
-       of the prompt's other K − 1 samples (RLOO), which leaves the gradient unbiased; with a fixed ½ (the expected
-       reward at π = opponent), 4 samples per prompt each against one opponent sample, the arena LM's train gap fell
-       32% in 6 iterations; with these estimators 48% (both Adam 2e-4, seed 1; the defaults, 3e-4 and 7 iterations,
-       give 54% over 3 seeds, README).
+    5. Inner optimization: Adam at a constant learning rate for `inner_steps` steps per proximal step, K = 8
+       (tabular: 1024) fresh on-policy samples per prompt each step; identical responses of a prompt are scored
+       once, weighted by their count (the paper's optimizer and batch are not known). Each sample's baseline is the
+       mean sequence return of the prompt's other K − 1 samples (RLOO), which leaves the gradient unbiased; with a
+       fixed ½ (the expected reward at π = opponent), 4 samples per prompt each against one opponent sample, the
+       arena LM's train gap fell 32% in 6 iterations; with these estimators 48% (both Adam 2e-4, seed 1; the
+       defaults, 3e-4 and 7 iterations, give 54% over 3 seeds, README).
     6. Arena LM: π_ref is the SFT model's exact distribution including its invalid mass (common/arena.py).
+    7. Tabular defaults (`--policy tabular`; the LM worlds keep theirs): 30 iterations, K = 1024 samples and
+       K_opp = 2048 opponent samples per prompt, 6 inner Adam steps at lr 0.03 (previously the LM-sized 7, 8, 16, 4
+       at lr 0.3: `--iterations 7 --samples-per-prompt 8 --opponent-samples 16 --inner-steps 4 --lr 0.3`). A table
+       scores each distinct action once, so large K and K_opp cost little; they and the smaller lr lower the
+       sampled iterates' floor (deviation 3's opponent error, Adam's constant-step jitter) below a tenth of the
+       starting gap on the games of tests/test_tabular_defaults.py (figures: bench/results/tabular_testbed.md).
+       The paper's own setting is not known (deviation 1); `--step closed` is the exact update.
 """
 import time
 from dataclasses import dataclass
@@ -65,24 +72,27 @@ from common.run import RunDir, WorldArgs, batched_logprobs, cli, comparison_tabl
 
 @dataclass
 class Args(WorldArgs):
-    iterations: int = 7
+    iterations: int | None = None
     """mirror-prox iterations k, each two proximal steps of `inner_steps` policy-gradient steps; every inner step
-    judges each distinct sample against each distinct opponent sample of its prompt"""
+    judges each distinct sample against each distinct opponent sample of its prompt (default 7 on the LM worlds, 30
+    for tabular; deviation 7)"""
     step: str = "pg"
     """pg (stochastic policy gradient), pg-exact (tabular: the same gradient in exact expectation) or closed (tabular)"""
-    samples_per_prompt: int = 8
-    """K responses y ∼ π_θ per prompt and inner step (≥ 2: each one's baseline is the mean return of the others)"""
-    opponent_samples: int = 16
-    """responses y' ∼ opponent per prompt, drawn once per proximal step; P(y ≻ opponent) is the mean over them"""
-    inner_steps: int = 4
-    """optimizer steps per proximal step"""
+    samples_per_prompt: int | None = None
+    """K responses y ∼ π_θ per prompt and inner step (≥ 2: each one's baseline is the mean return of the others;
+    default 8 on the LM worlds, 1024 for tabular)"""
+    opponent_samples: int | None = None
+    """responses y' ∼ opponent per prompt, drawn once per proximal step; P(y ≻ opponent) is the mean over them
+    (default 16 on the LM worlds, 2048 for tabular)"""
+    inner_steps: int | None = None
+    """optimizer steps per proximal step (default 4 on the LM worlds, 6 for tabular)"""
     beta: float | None = None
     """β: KL coefficient to π_ref (default: the games file's β)"""
     eta: float | None = None
     """η: the proximal term is (β/η) KL(π‖π^k) (default 2β, the largest the convergence conditions allow)"""
     lr: float | None = None
     """Adam learning rate of the inner steps (default 3e-4 for the arena LM, 1e-6 for a real checkpoint
-    (--prompts), 0.3 for tabular)"""
+    (--prompts), 0.03 for tabular)"""
     temperature: float = 1.0
     """sampling temperature of π_θ and of the opponent"""
 
@@ -242,14 +252,19 @@ def main(args: Args):
     if args.step != "pg" and args.policy != "tabular":
         fail(f"--step {args.step} needs --policy tabular (exact expectations over a finite action set)")
     for name in ("iterations", "samples_per_prompt", "opponent_samples", "inner_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # None: the world's default, below
             fail(f"--{name.replace('_', '-')} must be ≥ 1")
-    if args.step == "pg" and args.samples_per_prompt < 2:
+    if args.step == "pg" and args.samples_per_prompt is not None and args.samples_per_prompt < 2:
         fail("--samples-per-prompt must be ≥ 2 (each sample's baseline is the mean return of the others)")
     world = setup_world(args)
     args.beta = world.beta if args.beta is None else args.beta
     args.eta = 2 * args.beta if args.eta is None else args.eta
-    args.lr = args.lr if args.lr is not None else {"tabular": 0.3, "arena": 3e-4, "real": 1e-6}[world.kind]
+    args.lr = args.lr if args.lr is not None else {"tabular": 0.03, "arena": 3e-4, "real": 1e-6}[world.kind]
+    tabular = world.kind == "tabular"                       # world-specific defaults (deviation 7)
+    for name, lm, table in (("iterations", 7, 30), ("samples_per_prompt", 8, 1024), ("opponent_samples", 16, 2048),
+                            ("inner_steps", 4, 6)):
+        if getattr(args, name) is None:
+            setattr(args, name, table if tabular else lm)
     if args.lr <= 0 or args.temperature <= 0:
         fail(f"--lr and --temperature must be > 0 (got {args.lr}, {args.temperature})")
     if args.beta <= 0 or args.eta <= 0:

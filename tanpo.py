@@ -64,6 +64,12 @@ Deviations (numbered)
        the run dir root) and the max-player π is logged next to it (eval_max/…, max_player/ or policy_max.json);
        the README's table shows both. SADPO's sampling temperature is not known either: it uses the max-player's
        0.7 (`--temperature-max`).
+    8. Tabular defaults (`--policy tabular`; the LM worlds keep theirs), TANPO and SADPO: 40 iterations of 512 pairs
+       per prompt, each player taking 8 Adam steps per iteration at lr 0.05, each step on as many random pairs of D
+       as were added (batch 2²⁰; previously the LM-sized `--iterations 6 --pairs-per-prompt 4 --epochs 2
+       --batch-size 128 --lr 0.1`). With them both players' KL(π_r‖·) to π_r ∝ π_ref e^{r/α} falls below a tenth of
+       π_ref's on the BT games of tests/test_tabular_defaults.py (figures: bench/results/tabular_testbed.md). The
+       paper's one pair per prompt is `--pairs-per-prompt 1`.
 
 Symbols: α is the KL coefficient of Eq. (3) and plays DPO's β. η weights the likelihood in the optimistic reward
 (the bonus coefficient is c_t = (α/η)/t): it is neither inpo.py's and nash_dpo.py's η (an inverse step size) nor
@@ -82,14 +88,16 @@ from common.run import RunDir, WorldArgs, batched_logprobs, cli, comparison_tabl
 
 @dataclass
 class Args(WorldArgs):
-    iterations: int = 6
-    """T: self-play iterations (sample, label, update the max-player, then the min-player)"""
+    iterations: int | None = None
+    """T: self-play iterations (sample, label, update the max-player, then the min-player; default 6 on the LM
+    worlds, 40 for tabular)"""
     single_agent: bool = False
     """SADPO: one policy; pair = best/worst of K samples by length-normalised log π_ref; bonus under π_ref"""
     pairs: str = "sampled"
     """sampled (oracle-labelled pairs accumulate in D) or exact (tabular TANPO: D's expectation, L-BFGS)"""
-    pairs_per_prompt: int = 4
-    """pairs added to D per prompt and iteration (SADPO: groups of K samples, one pair each)"""
+    pairs_per_prompt: int | None = None
+    """pairs added to D per prompt and iteration (SADPO: groups of K samples, one pair each; default 4 on the LM
+    worlds, 512 for tabular; the paper: 1)"""
     alpha: float | None = None
     """α of Eq. (3), the KL coefficient to π_ref; named α as in the paper, it plays DPO's β (default: games' β)"""
     eta: float = 10.0
@@ -104,11 +112,13 @@ class Args(WorldArgs):
     """samples per prompt estimating the bonus E[log μ(a|x)] (a ∼ π_{t+1}; SADPO: a ∼ π_ref), temperature 1"""
     lr: float | None = None
     """Adam learning rate (default 2e-4 for the arena LM, 1e-6 for a real checkpoint
-    (--prompts), 0.1 for tabular)"""
-    epochs: int = 2
-    """per iteration and player: epochs × ⌈new pairs / batch_size⌉ steps on random minibatches of all of D"""
-    batch_size: int = 128
-    """pairs per optimizer step"""
+    (--prompts), 0.05 for tabular)"""
+    epochs: int | None = None
+    """per iteration and player: epochs × ⌈new pairs / batch_size⌉ steps on random minibatches of all of D (default 2
+    on the LM worlds, 8 for tabular)"""
+    batch_size: int | None = None
+    """pairs per optimizer step (default 128 on the LM worlds; tabular 2²⁰: one step per epoch on as many random
+    pairs of D as were added)"""
 
 
 # ALGO LOGIC: the losses --------------------------------------------------------------------------------------
@@ -228,14 +238,19 @@ def main(args: Args):
         fail("--pairs exact needs --policy tabular and TANPO (no --single-agent): exact pair distributions")
     for name, low in (("iterations", 1), ("pairs_per_prompt", 1), ("sadpo_k", 2), ("bonus_samples", 1),
                       ("epochs", 1), ("batch_size", 1)):
-        if getattr(args, name) < low:
+        if getattr(args, name) is not None and getattr(args, name) < low:  # None: the world's default, below
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be ≥ {low}")
     for name in ("alpha", "eta", "temperature_max", "temperature_min", "lr"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
     world = setup_world(args)
     args.alpha = world.beta if args.alpha is None else args.alpha
-    args.lr = args.lr if args.lr is not None else {"tabular": 0.1, "arena": 2e-4, "real": 1e-6}[world.kind]
+    args.lr = args.lr if args.lr is not None else {"tabular": 0.05, "arena": 2e-4, "real": 1e-6}[world.kind]
+    tabular = world.kind == "tabular"                       # world-specific defaults (deviation 8)
+    for name, lm, table in (("iterations", 6, 40), ("pairs_per_prompt", 4, 512), ("epochs", 2, 8),
+                            ("batch_size", 128, 2 ** 20)):
+        if getattr(args, name) is None:
+            setattr(args, name, table if tabular else lm)
     pi, ref, judge, gen = world.policy, world.ref, world.judge, world.generator  # π: max-player (SADPO: the policy)
     mu = None if args.single_agent else pi.frozen_copy().requires_grad_(True)    # min-player, μ₁ = π_ref too
     head = pi if mu is None else mu             # the run's policy: eval/…, saved at the run dir root (deviation 7)

@@ -139,8 +139,9 @@ class WorldArgs:
     own args.json (other flags must agree with it)"""
     device: str | None = None
     """cpu or cuda (default cuda when available; bf16 autocast there)"""
-    threads: int = 2
-    """CPU threads of torch (the defaults are sized for 2 cores; bench/arena_table.py runs 2 jobs of 1 thread)"""
+    threads: int | None = None
+    """CPU threads of torch (default 2 for an LM, sized for 2 cores; 1 for tabular, whose tiny ops only wait on a
+    second thread; bench/arena_table.py runs 2 jobs of 1 thread)"""
 
 
 class Interrupted(BaseException):
@@ -428,6 +429,8 @@ def setup_world(args) -> World:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads is None:
+        args.threads = 1 if args.policy == "tabular" else 2
     if args.threads < 1:
         fail(f"--threads {args.threads}: must be ≥ 1")
     torch.set_num_threads(args.threads)

@@ -125,7 +125,7 @@ def test_sampled_online_dpo_approaches_the_rlhf_optimum(tmp_path, bt_games):
     path, rs = bt_games
     games = load_games(path)
     run = run_dno(tmp_path, policy="tabular", ref="sft", pairs="random", iterations=6, groups_per_prompt=2000,
-                  epochs=2, batch_size=256, games=path, seed=2)
+                  epochs=2, batch_size=256, lr=0.05, games=path, seed=2)
     final = read_policy(run)
     for g, r in zip(games, rs):
         want = rlhf_optimum(g.ref, r, games.beta)
@@ -135,7 +135,8 @@ def test_sampled_online_dpo_approaches_the_rlhf_optimum(tmp_path, bt_games):
 
 def test_sampled_dno_cuts_exploitability_on_bt(tmp_path, bt_games):
     path, _ = bt_games
-    rows = read_metrics(run_dno(tmp_path, policy="tabular", iterations=4, groups_per_prompt=200, games=path))
+    rows = read_metrics(run_dno(tmp_path, policy="tabular", iterations=4, groups_per_prompt=200, epochs=2, batch_size=64,
+                                lr=0.05, games=path))  # the pre-tabular-defaults values
     assert rows[-1]["eval/exploit"] <= rows[0]["eval/exploit"] / 3
     assert all(row["train/pairs"] > 0 for row in rows[1:])
 

@@ -215,7 +215,7 @@ def test_sampled_pg_tracks_closed_form(tmp_path, random_games):
 
 def test_sampled_pg_cuts_duality_gap_tenfold(tmp_path, random_games):
     run = run_mp(tmp_path, policy="tabular", step="pg", iterations=20, samples_per_prompt=256, lr=0.05,
-                 games=random_games, seed=2)
+                 opponent_samples=16, inner_steps=4, games=random_games, seed=2)  # the pre-tabular-defaults values
     rows = read_metrics(run)
     assert rows[-1]["eval/dual_gap"] <= rows[0]["eval/dual_gap"] / 10
 
