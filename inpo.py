@@ -60,9 +60,9 @@ Deviations from the paper (numbered; each is one flag away from the paper's sett
        action of a prompt once (deviation 7), so K costs little; the sampled iterates' gap levels off at a noise
        floor (Eq. 8's sampling noise, scaled by the steps 1/η_t) that falls as K and T grow, and these settings put
        it below a tenth of the start on the games of tests/test_tabular_defaults.py (figures:
-       bench/results/tabular_testbed.md). The paper's setting is `--pairs tournament --iterations 3 --eta 0.3
-       --epochs 1`; the previous tabular defaults (the LM ones) are `--iterations 6 --samples-per-prompt 32 --epochs
-       10`.
+       bench/results/tabular_testbed.md). The paper's setting:
+       `--pairs tournament --iterations 3 --eta 0.3 --epochs 1`; the previous tabular defaults (the LM ones):
+       `--iterations 6 --samples-per-prompt 32 --epochs 10`.
 """
 import time
 from dataclasses import dataclass

@@ -236,8 +236,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.seeds < 1 or args.jobs < 1:
         raise SystemExit("error: --seeds and --jobs must be ≥ 1")
-    names = list(ALGORITHMS) if args.only is None else [n.strip() for n in args.only.split(",")]
-    unknown = [n for n in names if n not in ALGORITHMS]
+    names, unknown, cur = (list(ALGORITHMS) if args.only is None else []), [], ""
+    for part in ([] if args.only is None else args.only.split(",")):  # names may hold a comma: "INPO (η = 3τ, paper)"
+        cur = f"{cur}, {part.strip()}" if cur else part.strip()
+        if cur in ALGORITHMS:
+            names.append(cur)
+            cur = ""
+    if cur:
+        unknown.append(cur)
     if unknown:
         raise SystemExit(f"error: --only: unknown algorithm {unknown[0]!r} (known: {', '.join(ALGORITHMS)})")
     if args.readme:
