@@ -52,7 +52,8 @@ Deviations from the paper (numbered; each is one flag away from the paper's sett
        pairs of identical responses (h_t = 0 for every π: a constant of the loss) are left out. On the arena LM
        this is what lets the LM follow the mirror-descent steps: after 6 iterations the train dual gap is 37% lower
        with 16 disjoint pairs per prompt (the previous default) and 61% lower with all pairs of 32 samples, and the
-       cyclic games' kl_ne rises with the former and falls with the latter (3 seeds each, README).
+       cyclic games' kl_ne rises with the former and falls with the latter (3 seeds each, arena v1:
+       docs/results_arena_v1.md; on arena v2, 3 seeds: train gap −60% and −72%, docs/results.md).
     8. T = 6 iterations by default on the LM worlds (paper: T = 3, `--iterations 3`), so that the LM runs show where
        the iterates go.
     9. Tabular defaults (`--policy tabular`; the LM worlds keep theirs): T = 60, K = 2048 samples per prompt and 20

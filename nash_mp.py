@@ -42,7 +42,7 @@ Deviations (numbered)
        over K_opp = 16 opponent samples of the prompt (tabular: 2048, deviation 7; not a Bernoulli label against one
        y'), drawn once per proximal step: every inner step plays the same empirical opponent, which is unbiased for
        the true one but whose error does not average out within the step (the sampled tabular run levels off higher
-       with 16 opponent samples than with 256, README).
+       with 16 opponent samples than with 256, docs/results_arena_v1.md).
     4. β defaults to the games file's β (the regularization the metrics measure), η to 2β (the largest step the
        stated conditions allow; then the claimed rate is (1+2β)^{−1} per iteration).
     5. Inner optimization: Adam at a constant learning rate for `inner_steps` steps per proximal step, K = 8
@@ -51,7 +51,7 @@ Deviations (numbered)
        mean sequence return of the prompt's other K − 1 samples (RLOO), which leaves the gradient unbiased; with a
        fixed ½ (the expected reward at π = opponent), 4 samples per prompt each against one opponent sample, the
        arena LM's train gap fell 32% in 6 iterations; with these estimators 48% (both Adam 2e-4, seed 1; the
-       defaults, 3e-4 and 7 iterations, give 54% over 3 seeds, README).
+       defaults, 3e-4 and 7 iterations, give 54% over 3 seeds on arena v1, 77% on v2: docs/results.md).
     6. Arena LM: π_ref is the SFT model's exact distribution including its invalid mass (common/arena.py).
     7. Tabular defaults (`--policy tabular`; the LM worlds keep theirs): 30 iterations, K = 1024 samples and
        K_opp = 2048 opponent samples per prompt, 6 inner Adam steps at lr 0.03 (previously the LM-sized 7, 8, 16, 4
