@@ -510,9 +510,8 @@ def main():
 def write_trace(args, losses):
     """data/arena_sft_trace.json: the first TRACE_STEPS SFT losses and the weights' sha256 after them, from a fresh
     run of the same steps (tests/test_make_arena.py replays them in CI)."""
-    torch.manual_seed(args.seed)
-    _, _, _, model, batch = prepare(args.seed, args.vocab_size)
-    first = train_sft(model, batch, batch[4].max().item() + 1, args.steps, args.lr, args.prompts_per_step,
+    games, _, _, model, batch = prepare(args.seed, args.vocab_size)   # prepare() seeds torch itself
+    first = train_sft(model, batch, len(games), args.steps, args.lr, args.prompts_per_step,
                       torch.Generator().manual_seed(args.seed), log_every=0, stop_after=TRACE_STEPS)
     assert first == losses[:TRACE_STEPS], "the SFT's first steps are not reproducible within one process"
     trace = {"seed": args.seed, "steps": TRACE_STEPS, "losses": first, "sha256": weights_sha256(model),
