@@ -1,9 +1,9 @@
 """Nash Mirror Prox (Nash-MP).
 
-Paper: Tiapkin, Calandriello, Ferret, Perrin, Vieillard, Ramé, Blondel — "Accelerating Nash Learning from Human
-Feedback via Mirror Prox", arXiv 2505.19731 **v1** (later versions describe a different algorithm, "Nash Prox").
-Provenance (ALGORITHMS.md §3): the abstract is the only primary text read [paper]; the update below comes from
-agreeing secondary summaries [review]; its closed form is derived here [derived].
+Paper: Tiapkin, Calandriello, Belomestny, Moulines, Naumov, Rasul, Valko, Ménard — "Accelerating Nash Learning from
+Human Feedback via Mirror Prox", arXiv 2505.19731 **v1** (later versions of that id describe a different algorithm,
+"Nash Prox"). Provenance: the abstract is the only primary text read [paper]; the update below comes from agreeing
+secondary summaries [review]; its closed form is derived here [derived]. Details: docs/algorithms.md §3.
 
 The game: J(π₁, π₂) = E P(y ≻ y') − β KL(π₁‖π_ref) + β KL(π₂‖π_ref), equilibrium π*. Each iteration makes two
 proximal steps, both anchored at π^k (the extragradient structure of mirror prox):
@@ -30,6 +30,7 @@ Paper → code
     stochastic policy-gradient approximation                        pg_loss(), pg_step()   (--step pg)
     its estimates: P(y ≻ opponent), the baseline                    opponent_reward(), leave_one_out()
     the same gradient with exact expectations (tabular)             pg_step(..., exact=True) (--step pg-exact)
+    both exact variants, one iteration                              exact_iteration()
     β, η                                                            Args.beta, Args.eta
 
 Deviations (numbered)
@@ -39,62 +40,66 @@ Deviations (numbered)
     2. No exponential moving average: a summary says the LLM version adds an EMA "for stability" without saying
        of what; here the anchor is exactly π^k (the previous iterate's parameters).
     3. The reward of a sampled y is P(y ≻ opponent) estimated as the mean of the oracle's probabilities P(y ≻ y'_j)
-       over K_opp = 16 opponent samples of the prompt (tabular: 2048, deviation 7; not a Bernoulli label against one
-       y'), drawn once per proximal step: every inner step plays the same empirical opponent, which is unbiased for
-       the true one but whose error does not average out within the step (the sampled tabular run levels off higher
-       with 16 opponent samples than with 256, docs/results_arena_v1.md).
-    4. β defaults to the games file's β (the regularization the metrics measure), η to 2β (the largest step the
-       stated conditions allow; then the claimed rate is (1+2β)^{−1} per iteration).
-    5. Inner optimization: Adam at a constant learning rate for `inner_steps` steps per proximal step, K = 8
-       (tabular: 1024) fresh on-policy samples per prompt each step; identical responses of a prompt are scored
-       once, weighted by their count (the paper's optimizer and batch are not known). Each sample's baseline is the
-       mean sequence return of the prompt's other K − 1 samples (RLOO), which leaves the gradient unbiased; with a
-       fixed ½ (the expected reward at π = opponent), 4 samples per prompt each against one opponent sample, the
-       arena LM's train gap fell 32% in 6 iterations; with these estimators 48% (both Adam 2e-4, seed 1; the
-       defaults, 3e-4 and 7 iterations, give 54% over 3 seeds on arena v1, 77% on v2: docs/results.md).
+       over K_opp opponent samples of the prompt (not a Bernoulli label against one y'), drawn once per proximal
+       step: every inner step plays the same empirical opponent, which is unbiased for the true one but whose error
+       does not average out within the step (the tabular runs level off higher with fewer opponent samples:
+       docs/results.md, "Evidence behind the deviations").
+    4. β defaults to the world's β (the games file's: the regularization the metrics measure), η to 2β (the largest
+       step the stated conditions allow; then the claimed rate is (1+2β)^{−1} per iteration).
+    5. Inner optimization: Adam at a constant learning rate for `inner_steps` steps per proximal step, K fresh
+       on-policy samples per prompt each step; identical responses of a prompt are scored once, weighted by their
+       count (the paper's optimizer and batch are not known). Each sample's baseline is the mean sequence return of
+       the prompt's other K − 1 samples (RLOO), which leaves the gradient unbiased; it and the many opponent samples
+       were chosen over a fixed ½ baseline against one opponent sample by their effect on the arena LM's gap
+       (docs/results.md, "Evidence behind the deviations").
     6. Arena LM: π_ref is the SFT model's exact distribution including its invalid mass (common/arena.py).
-    7. Tabular defaults (`--policy tabular`; the LM worlds keep theirs): 30 iterations, K = 1024 samples and
-       K_opp = 2048 opponent samples per prompt, 6 inner Adam steps at lr 0.03 (previously the LM-sized 7, 8, 16, 4
-       at lr 0.3: `--iterations 7 --samples-per-prompt 8 --opponent-samples 16 --inner-steps 4 --lr 0.3`). A table
-       scores each distinct action once, so large K and K_opp cost little; they and the smaller lr lower the
+    7. Tabular defaults (`--policy tabular`; `--help` lists each flag's default per world): large K and K_opp (a
+       table scores each distinct action once, so they cost little) and a smaller learning rate, which lower the
        sampled iterates' floor (deviation 3's opponent error, Adam's constant-step jitter) below a tenth of the
-       starting gap on the games of tests/test_tabular_defaults.py (figures: bench/results/tabular_testbed.md).
-       The paper's own setting is not known (deviation 1); `--step closed` is the exact update.
+       starting gap (bench/results/tabular_testbed.md). The paper's own setting is not known (deviation 1);
+       `--step closed` is the exact update.
 """
-import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from common.policy import backward_in_micro_batches, unique_responses
-from common.run import RunDir, WorldArgs, batched_logprobs, cli, comparison_table, fail, setup_world
+from common.cli import BETA, cli, flag
+from common.policy import backward_in_micro_batches, batched_logprobs, unique_responses
+from common.run import RunDir
+from common.world import WorldArgs, setup_world
 
 
 @dataclass
 class Args(WorldArgs):
-    iterations: int | None = None
+    iterations: int | None = flag(lm=7, tabular=30, ge=1)
     """mirror-prox iterations k, each two proximal steps of `inner_steps` policy-gradient steps; every inner step
-    judges each distinct sample against each distinct opponent sample of its prompt (default 7 on the LM worlds, 30
-    for tabular; deviation 7)"""
-    step: str = "pg"
-    """pg (stochastic policy gradient), pg-exact (tabular: the same gradient in exact expectation) or closed (tabular)"""
-    samples_per_prompt: int | None = None
-    """K responses y ∼ π_θ per prompt and inner step (≥ 2: each one's baseline is the mean return of the others;
-    default 8 on the LM worlds, 1024 for tabular)"""
-    opponent_samples: int | None = None
-    """responses y' ∼ opponent per prompt, drawn once per proximal step; P(y ≻ opponent) is the mean over them
-    (default 16 on the LM worlds, 2048 for tabular)"""
-    inner_steps: int | None = None
-    """optimizer steps per proximal step (default 4 on the LM worlds, 6 for tabular)"""
-    beta: float | None = None
-    """β: KL coefficient to π_ref (default: the games file's β)"""
-    eta: float | None = None
-    """η: the proximal term is (β/η) KL(π‖π^k) (default 2β, the largest the convergence conditions allow)"""
-    lr: float | None = None
-    """Adam learning rate of the inner steps (default 3e-4 for the arena LM, 1e-6 for a real checkpoint
-    (--prompts), 0.03 for tabular)"""
-    temperature: float = 1.0
+    judges each distinct sample against each distinct opponent sample of its prompt (deviation 7)"""
+    step: Literal["pg", "pg-exact", "closed"] = "pg"
+    """pg (stochastic policy gradient), pg-exact (tabular: that gradient in exact expectation) or closed (tabular)"""
+    samples_per_prompt: int | None = flag(lm=8, tabular=1024, ge=1)
+    """K responses y ∼ π_θ per prompt and inner step (≥ 2: each one's baseline is the mean return of the others)"""
+    opponent_samples: int | None = flag(lm=16, tabular=2048, ge=1)
+    """responses y' ∼ opponent per prompt, drawn once per proximal step; P(y ≻ opponent) is the mean over them"""
+    inner_steps: int | None = flag(lm=4, tabular=6, ge=1)
+    """optimizer steps per proximal step"""
+    beta: float | None = flag(rule=BETA, gt=0)
+    """β: KL coefficient to π_ref"""
+    eta: float | None = flag(gt=0, rule=("2β, the largest the convergence conditions allow",
+                                         lambda a, beta: 2 * a.beta))
+    """η: the proximal term is (β/η) KL(π‖π^k)"""
+    lr: float | None = flag(arena=3e-4, real=1e-6, tabular=0.03, gt=0)
+    """Adam learning rate of the inner steps"""
+    temperature: float = flag(1.0, gt=0)
     """sampling temperature of π_θ and of the opponent"""
+
+    def check(self):
+        super().check()
+        if self.step != "pg" and self.policy != "tabular":
+            raise ValueError(f"--step {self.step} needs --policy tabular (exact expectations over a finite action set)")
+        if self.step == "pg" and self.samples_per_prompt < 2:
+            raise ValueError("--samples-per-prompt must be ≥ 2 (each sample's baseline is the mean return of the "
+                             "others)")
 
 
 # ALGO LOGIC: the closed form and the policy-gradient loss -------------------------------------------------------
@@ -195,8 +200,8 @@ def pg_step(policy, anchor, ref, opponent, world, args, exact=False):
                 group = rows // K
                 y = y.select(rows)
                 reward = opponent_reward(y, group, opponent, K_opp, judge)
-            ref_tok = batched_logprobs(ref, y, len(y), per_token=True)          # chunks of infer_batch rows
-            anchor_tok = batched_logprobs(anchor, y, len(y), per_token=True)
+            ref_tok = batched_logprobs(ref, y, args.infer_batch or len(y), per_token=True)   # no-grad, once a step
+            anchor_tok = batched_logprobs(anchor, y, args.infer_batch or len(y), per_token=True)
 
         def loss_of(policy_tok):            # per-token ℓ_θ (U, T) -> the surrogate (the returns use it detached)
             dev = policy_tok.device
@@ -245,76 +250,48 @@ def closed_form_update(policy, pi_k, ref, world, args):
             policy.theta[row, :g.n] = full.log()
 
 
+def exact_iteration(policy, pi_k, ref, world, args) -> dict:
+    """Tabular, no samples: one iteration of both proximal steps in closed form (--step closed) or by policy gradients
+    in exact expectation (--step pg-exact: the half step against π^k, the full step against π^{k+½}, each from π^k).
+    Returns the iteration's train/ row."""
+    row = {"train/beta": args.beta, "train/eta": args.eta}
+    if args.step == "closed":
+        closed_form_update(policy, pi_k, ref, world, args)
+        return row
+    half = pg_step(policy, pi_k, ref, pi_k, world, args, exact=True)
+    full_opp = policy.frozen_copy()                  # π^{k+½}
+    policy.load_state_dict(pi_k.state_dict())
+    full = pg_step(policy, pi_k, ref, full_opp, world, args, exact=True)
+    return {**step_stats(half, full), **row}
+
+
+def step_stats(half, full) -> dict:
+    """train/half/… and train/full/…: each proximal step's mean loss, reward P(y ≻ opponent) and sampled KLs."""
+    return {f"train/{step}/{name}": v for step, stats in (("half", half), ("full", full))
+            for name, v in zip(("loss", "reward", "kl_ref", "kl_anchor"), stats)}
+
+
 def main(args: Args):
-    # setup -------------------------------------------------------------------------------------------------
-    if args.step not in ("pg", "pg-exact", "closed"):
-        fail(f"--step {args.step!r}: expected pg, pg-exact or closed")
-    if args.step != "pg" and args.policy != "tabular":
-        fail(f"--step {args.step} needs --policy tabular (exact expectations over a finite action set)")
-    for name in ("iterations", "samples_per_prompt", "opponent_samples", "inner_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:  # None: the world's default, below
-            fail(f"--{name.replace('_', '-')} must be ≥ 1")
-    if args.step == "pg" and args.samples_per_prompt is not None and args.samples_per_prompt < 2:
-        fail("--samples-per-prompt must be ≥ 2 (each sample's baseline is the mean return of the others)")
-    world = setup_world(args)
-    args.beta = world.beta if args.beta is None else args.beta
-    args.eta = 2 * args.beta if args.eta is None else args.eta
-    args.lr = args.lr if args.lr is not None else {"tabular": 0.03, "arena": 3e-4, "real": 1e-6}[world.kind]
-    tabular = world.kind == "tabular"                       # world-specific defaults (deviation 7)
-    for name, lm, table in (("iterations", 7, 30), ("samples_per_prompt", 8, 1024), ("opponent_samples", 16, 2048),
-                            ("inner_steps", 4, 6)):
-        if getattr(args, name) is None:
-            setattr(args, name, table if tabular else lm)
-    if args.lr <= 0 or args.temperature <= 0:
-        fail(f"--lr and --temperature must be > 0 (got {args.lr}, {args.temperature})")
-    if args.beta <= 0 or args.eta <= 0:
-        fail(f"need beta > 0 and eta > 0 (got beta={args.beta}, eta={args.eta})")
+    # setup ---------------------------------------------------------------------------------------------------------
+    world = setup_world(args)   # the flags' defaults resolved for the world and checked; π_ref, judge, prompts loaded
     policy, ref = world.policy, world.ref
-    run = RunDir(args, "nash_mp")  # --resume: the interrupted run's folder
-    players, gens = {"policy": policy}, {"sample": world.generator}
-    run.restore(players, gens)        # --resume: the state after the last complete iteration
-    if not run.rows:
-        run.log({"iteration": 0, **world.evaluate(policy)})
-    ref_metrics, metrics = run.rows[0], run.rows[-1]
-
-    bar = run.iterations(args.iterations, "nash_mp")
-    for k in bar:
-        pi_k = policy.frozen_copy()   # the anchor of both proximal steps, read at every inner step: the one copy kept
-        t0 = time.perf_counter()
-        row = {"iteration": k}
-        # sample + judge + loss + update: half step (opponent π^k), then full step (opponent π^{k+½}) ------------
-        if args.step == "closed":
-            closed_form_update(policy, pi_k, ref, world, args)
-        else:
-            exact = args.step == "pg-exact"
-            half_opp = pi_k if exact else opponent_samples(policy, world, args)
-            half_stats = pg_step(policy, pi_k, ref, half_opp, world, args, exact)
-            # π^{k+½} plays the full step only through its samples, drawn now (a table: its copy)
-            full_opp = policy.frozen_copy() if exact else opponent_samples(policy, world, args)
-            policy.load_state_dict(pi_k.state_dict())  # the full step starts again from π^k's parameters
-            full_stats = pg_step(policy, pi_k, ref, full_opp, world, args, exact)
-            for name, h, f in zip(("loss", "reward", "kl_ref", "kl_anchor"), half_stats, full_stats):
-                row[f"train/half/{name}"], row[f"train/full/{name}"] = h, f
-        policy.zero_grad(set_to_none=True)   # the gradients' memory is free for sampling and evaluation
-        t_train = time.perf_counter() - t0
-        run.check_finite(k, [v for k_, v in row.items() if k_.startswith("train/")], policy)  # NaN / inf: stop
-        # eval --------------------------------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        metrics = world.evaluate(policy)
-        row.update(metrics)
-        row.update({"train/beta": args.beta, "train/eta": args.eta, "perf/train_s": t_train,
-                    "perf/eval_s": time.perf_counter() - t0})
-        run.log(row)
-        run.checkpoint(k, players, gens)
-        bar.set_postfix({k_.split("/")[-1]: f"{metrics[k_]:.4f}" for k_ in ("eval/dual_gap", "eval/win_vs_ref")
-                         if k_ in metrics})
-
-    # save ------------------------------------------------------------------------------------------------------
-    policy.save(run.tmp)
-    path = run.finish()
-    print(comparison_table(ref_metrics, metrics, world.games))
-    print(f"run dir: {path}")
-    return path
+    run = RunDir(args, "nash_mp", world, {"policy": policy})   # --resume: from the last complete iteration
+    for k in run.iterations():
+        pi_k = policy.frozen_copy()  # the anchor of both proximal steps, read at every inner step: the one copy kept
+        if args.step != "pg":   # tabular: both proximal steps exactly, no samples
+            with run.timed("train"):
+                row = exact_iteration(policy, pi_k, ref, world, args)
+            run.end_iteration(k, row)
+            continue
+        # sample + judge + loss + update: the half step (opponent π^k), then the full step (opponent π^{k+½}) ---------
+        with run.timed("train"):
+            half = pg_step(policy, pi_k, ref, opponent_samples(policy, world, args), world, args)
+            full_opp = opponent_samples(policy, world, args)   # π^{k+½} plays the full step only through its samples
+            policy.load_state_dict(pi_k.state_dict())          # the full step starts again from π^k's parameters
+            full = pg_step(policy, pi_k, ref, full_opp, world, args)
+        run.end_iteration(k, {**step_stats(half, full), "train/beta": args.beta, "train/eta": args.eta})
+    # save ----------------------------------------------------------------------------------------------------------
+    return run.finish(policy.save)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Paper: "Provably Efficient and Practical Self-Play for Better LLM Alignment", ICLR 2025 submission (rejected),
 OpenReview ed75tWzgt0. The paper's text was not available: only its abstract, the reviews and the authors' replies
-are public. Provenance marks as in ALGORITHMS.md §2: [review] known only from that public discussion; [derived]
+are public. Provenance marks (docs/algorithms.md §4): [review] known only from that public discussion; [derived]
 derived here from the stated framework (the derivation is below: check it). Equation numbers other than Eq. 3 are
 unknown.
 
@@ -33,12 +33,12 @@ Paper → code
     min-player: DPO + exploration bonus under π_{t+1}                 dpo_loss() + exploration_bonus(), update()
     SADPO: extremes of ℓ_ref/length among K samples, bonus under π_ref  extreme_pairs(), --single-agent
     diversity metric (Fig. 1)                                         train/diversity
-    exact expectations (tabular, deviation 5)                         exact_dpo(), update_exact(), --pairs exact
+    exact expectations (tabular, deviation 5)                         exact_dpo(), exact_iteration(), --pairs exact
 
 Deviations (numbered)
     1. The losses are reconstructed from the reviews and the authors' replies [review]; the bonus term and its sign
-       are derived [derived]. The paper's η is unknown: default η = 10 (at η = 1 the arena LM's min-player loses
-       most of its valid mass; deviation 2).
+       are derived [derived]. The paper's η is unknown: default η = 10 (smaller values let the bonus win, deviation
+       2; the arena figure: docs/results.md, "Evidence behind the deviations").
     2. Bonus weight c_t = (α/η)/t. The theory's L_MLE is a SUM over the history (t·N pairs after t iterations)
        while the bonus carries α/η once; dividing both by |D| to use a mean gives the 1/t decay (N is folded into
        η). It matters: the bonus pulls c_t·π_{t+1}(a) against the DPO term's α·(D's mass of pairs that a wins), and
@@ -51,9 +51,9 @@ Deviations (numbered)
        on minibatches drawn uniformly from all of D (each epoch visits a random subset of D the size of the new
        pairs), not passes over all of D. The bonus of a step is a random minibatch of the `bonus_samples` per prompt
        drawn from π_{t+1} (SADPO: π_ref) at temperature 1.
-    4. `pairs_per_prompt` pairs per prompt and iteration (the paper: one); α defaults to the games file's β, so the
-       run targets the regularization that the metrics measure; Adam at a constant learning rate, fresh each
-       iteration.
+    4. `pairs_per_prompt` pairs per prompt and iteration (the paper: one); α defaults to the world's β (the games
+       file's), so the run targets the regularization that the metrics measure; Adam at a constant learning rate,
+       fresh each iteration.
     5. `--pairs exact` (tabular, TANPO only): D_t is replaced by its expectation, the mixture over s ≤ t of the
        tempered pair distributions π_s^{1/0.7} × μ_s^{1/0.5}, every ordered pair (a, b) weighted by P(a ≻ b); the
        bonus by Σ_a π_{t+1}(a) log μ(a); each loss is minimized with L-BFGS in float64. On a BT game the max-player
@@ -64,61 +64,63 @@ Deviations (numbered)
        the run dir root) and the max-player π is logged next to it (eval_max/…, max_player/ or policy_max.json);
        the README's table shows both. SADPO's sampling temperature is not known either: it uses the max-player's
        0.7 (`--temperature-max`).
-    8. Tabular defaults (`--policy tabular`; the LM worlds keep theirs), TANPO and SADPO: 40 iterations of 512 pairs
-       per prompt, each player taking 8 Adam steps per iteration at lr 0.05, each step on as many random pairs of D
-       as were added (batch 2²⁰; previously the LM-sized `--iterations 6 --pairs-per-prompt 4 --epochs 2
-       --batch-size 128 --lr 0.1`). With them both players' KL(π_r‖·) to π_r ∝ π_ref e^{r/α} falls below a tenth of
-       π_ref's on the BT games of tests/test_tabular_defaults.py (figures: bench/results/tabular_testbed.md). The
-       paper's one pair per prompt is `--pairs-per-prompt 1`.
+    8. Tabular defaults (`--policy tabular`; `--help` lists each flag's default per world), TANPO and SADPO: more
+       iterations and pairs per prompt, each player's step on as many random pairs of D as were added (batch 2²⁰).
+       With them both players' KL(π_r‖·) to π_r ∝ π_ref e^{r/α} falls below a tenth of π_ref's on the BT games of
+       tests/test_tabular_defaults.py (bench/results/tabular_testbed.md). The paper's one pair per prompt is
+       `--pairs-per-prompt 1`.
 
 Symbols: α is the KL coefficient of Eq. (3) and plays DPO's β. η weights the likelihood in the optimistic reward
 (the bonus coefficient is c_t = (α/η)/t): it is neither inpo.py's and nash_dpo.py's η (an inverse step size) nor
 nash_mp.py's (a ratio of two KL weights).
 """
 import os
-import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from common.policy import Samples, backward_in_micro_batches
-from common.run import RunDir, WorldArgs, batched_logprobs, cli, comparison_table, fail, setup_world
+from common.cli import BETA, cli, fail, flag
+from common.policy import Samples, TabularPolicy, backward_in_micro_batches, batched_logprobs
+from common.run import RunDir
+from common.world import WorldArgs, setup_world
 
 
 @dataclass
 class Args(WorldArgs):
-    iterations: int | None = None
-    """T: self-play iterations (sample, label, update the max-player, then the min-player; default 6 on the LM
-    worlds, 40 for tabular)"""
+    iterations: int | None = flag(lm=6, tabular=40, ge=1)
+    """T: self-play iterations (sample, label, update the max-player, then the min-player)"""
     single_agent: bool = False
     """SADPO: one policy; pair = best/worst of K samples by length-normalised log π_ref; bonus under π_ref"""
-    pairs: str = "sampled"
+    pairs: Literal["sampled", "exact"] = "sampled"
     """sampled (oracle-labelled pairs accumulate in D) or exact (tabular TANPO: D's expectation, L-BFGS)"""
-    pairs_per_prompt: int | None = None
-    """pairs added to D per prompt and iteration (SADPO: groups of K samples, one pair each; default 4 on the LM
-    worlds, 512 for tabular; the paper: 1)"""
-    alpha: float | None = None
-    """α of Eq. (3), the KL coefficient to π_ref; named α as in the paper, it plays DPO's β (default: games' β)"""
-    eta: float = 10.0
+    pairs_per_prompt: int | None = flag(lm=4, tabular=512, ge=1)
+    """pairs added to D per prompt and iteration (SADPO: groups of K samples, one pair each; the paper: 1)"""
+    alpha: float | None = flag(rule=BETA, gt=0)
+    """α of Eq. (3), the KL coefficient to π_ref; named α as in the paper, it plays DPO's β"""
+    eta: float = flag(10.0, gt=0)
     """η: weight of the likelihood in the optimistic reward; bonus coefficient c_t = (α/η)/t (paper's value unknown)"""
-    temperature_max: float = 0.7
+    temperature_max: float = flag(0.7, gt=0)
     """sampling temperature of the max-player π (and of SADPO's policy)"""
-    temperature_min: float = 0.5
+    temperature_min: float = flag(0.5, gt=0)
     """sampling temperature of the min-player μ"""
-    sadpo_k: int = 4
+    sadpo_k: int = flag(4, ge=2)
     """SADPO: samples per group, of which the extremes of ℓ_ref/length form the pair"""
-    bonus_samples: int = 4
+    bonus_samples: int = flag(4, ge=1)
     """samples per prompt estimating the bonus E[log μ(a|x)] (a ∼ π_{t+1}; SADPO: a ∼ π_ref), temperature 1"""
-    lr: float | None = None
-    """Adam learning rate (default 2e-4 for the arena LM, 1e-6 for a real checkpoint
-    (--prompts), 0.05 for tabular)"""
-    epochs: int | None = None
-    """per iteration and player: epochs × ⌈new pairs / batch_size⌉ steps on random minibatches of all of D (default 2
-    on the LM worlds, 8 for tabular)"""
-    batch_size: int | None = None
-    """pairs per optimizer step (default 128 on the LM worlds; tabular 2²⁰: one step per epoch on as many random
-    pairs of D as were added)"""
+    lr: float | None = flag(arena=2e-4, real=1e-6, tabular=0.05, gt=0)
+    """Adam learning rate"""
+    epochs: int | None = flag(lm=2, tabular=8, ge=1)
+    """per iteration and player: epochs × ⌈new pairs / batch_size⌉ steps on random minibatches of all of D"""
+    batch_size: int | None = flag(lm=128, tabular=2 ** 20, ge=1)
+    """pairs per optimizer step (tabular: one step per epoch on as many random pairs of D as were added)"""
+
+    def check(self):
+        super().check()
+        if self.pairs == "exact" and (self.policy != "tabular" or self.single_agent):
+            raise ValueError("--pairs exact needs --policy tabular and TANPO (no --single-agent): exact pair "
+                             "distributions")
 
 
 # ALGO LOGIC: the losses --------------------------------------------------------------------------------------
@@ -186,11 +188,11 @@ def exact_dpo(policy, ref, W, alpha):
 
 # ALGO LOGIC: the update --------------------------------------------------------------------------------------
 
-def update(player, D, D_ref, n_new, world, args, gen, bonus=None, c=0.0):
+def update(player, D, D_ref, n_new, world, args, bonus=None, c=0.0):
     """Adam on dpo_loss (+ exploration_bonus when `bonus` samples are given): epochs × ⌈n_new / batch⌉ steps, each
     on a uniformly random minibatch of D's pairs (rows 2i, 2i+1 = winner, loser; D_ref their ℓ_ref) (deviation 3).
     Returns the mean loss (a 0-dim tensor)."""
-    opt = torch.optim.Adam(player.parameters(), lr=args.lr)
+    opt, gen = torch.optim.Adam(player.parameters(), lr=args.lr), world.shuffle_generator
     stats = []
     for _ in range(args.epochs):
         order = torch.randperm(len(D) // 2, generator=gen)[:n_new]
@@ -210,160 +212,92 @@ def update(player, D, D_ref, n_new, world, args, gen, bonus=None, c=0.0):
             loss, _ = backward_in_micro_batches(player, batch, loss_of, args.micro_batch, autocast=world.autocast)
             opt.step()
             stats.append(loss)
-    player.zero_grad(set_to_none=True)   # free the gradients: the other player trains next, then sampling
+    player.zero_grad(set_to_none=True)   # free the gradients: the other player trains next
     return torch.stack(stats).mean()
 
 
-def update_exact(player, loss_fn, epochs):
-    """L-BFGS in float64 on an exact (tabular) loss. Returns (loss, max |gradient|) at the point reached."""
-    opt = torch.optim.LBFGS(player.parameters(), lr=1, max_iter=200, tolerance_grad=1e-13, tolerance_change=1e-16,
-                            history_size=20, line_search_fn="strong_wolfe")
+def exact_iteration(pi, mu, ref, world, W_sum, t, c, args):
+    """--pairs exact (tabular TANPO, deviation 5): one iteration without samples. D_t is the mixture of the tempered
+    pair distributions of π_s × μ_s, s ≤ t (W_sum their sum, (G, n, n), updated here), every ordered pair weighted by
+    P(a ≻ b); the max-player minimizes the exact DPO loss on it, then the min-player the exact DPO loss plus the bonus
+    under π_{t+1}, each by L-BFGS. Returns the iteration's train/ row and the new W_sum."""
+    P = pi.matrices(world.prompts)   # (G, n, n), zero-padded; games outside the training split weigh 0
+    train_rows = P.flatten(1).any(1)                                            # (G,) games of world.prompts
+    W_sum = torch.zeros_like(P) if W_sum is None else W_sum.to(P)
+    p, q = tempered(pi, args.temperature_max).detach(), tempered(mu, args.temperature_min).detach()
+    W_sum = W_sum + P * (p[:, :, None] * q[:, None, :] + q[:, :, None] * p[:, None, :])
+    l_ref = ref.log_probs().masked_fill(~ref.valid, 0.0)
+    gap = (l_ref[:, :, None] - l_ref[:, None, :]).abs()                        # |ℓ_ref(a) − ℓ_ref(b)|
+    diversity = (p[:, :, None] * q[:, None, :] * gap).sum((1, 2))[train_rows].mean()
+    W = W_sum / t
+    loss_max, _ = pi.minimize(lambda: exact_dpo(pi, ref, W, args.alpha), args.epochs)
+    p_next = tempered(pi, 1.0).detach()                                         # π_{t+1}
+    loss_min, grad = mu.minimize(lambda: exact_dpo(mu, ref, W, args.alpha) + exploration_bonus(
+        mu.log_probs().masked_fill(~mu.valid, 0.0), c, p_next * train_rows[:, None]), args.epochs)
+    if not grad <= 1e-6:  # no stationary point: L_min decreases without bound (deviation 2)
+        fail(f"--pairs exact: iteration {t}: the min-player's loss has no minimizer (the bonus (α/η)/t·E_π[log μ] "
+             f"outweighs D as μ → 0 on the max-player's actions); try a larger --eta")
+    return {"train/loss_max": loss_max[-1], "train/loss_min": loss_min[-1], "train/pairs": 0, "train/bonus_coef": c,
+            "train/diversity": diversity}, W_sum
 
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        return loss
-    for _ in range(epochs):
-        opt.step(closure)
-    loss = closure().detach()  # the loss at the point reached (step() returns the starting one)
-    return loss, player.theta.grad.abs().max()
+
+def save_players(folder, head, pi):
+    """The run's policy at the folder's root and, for TANPO (pi: the max-player), the max-player next to it:
+    max_player/ (an LM, HF layout) or policy_max.json (a table)."""
+    head.save(folder)
+    if pi is not None:
+        pi.save(os.path.join(folder, "max_player"))
+        if isinstance(pi, TabularPolicy):
+            os.replace(os.path.join(folder, "max_player", "policy.json"), os.path.join(folder, "policy_max.json"))
+            os.rmdir(os.path.join(folder, "max_player"))
 
 
 def main(args: Args):
-    # setup -------------------------------------------------------------------------------------------------
-    if args.pairs not in ("sampled", "exact"):
-        fail(f"--pairs {args.pairs!r}: expected sampled or exact")
-    if args.pairs == "exact" and (args.policy != "tabular" or args.single_agent):
-        fail("--pairs exact needs --policy tabular and TANPO (no --single-agent): exact pair distributions")
-    for name, low in (("iterations", 1), ("pairs_per_prompt", 1), ("sadpo_k", 2), ("bonus_samples", 1),
-                      ("epochs", 1), ("batch_size", 1)):
-        if getattr(args, name) is not None and getattr(args, name) < low:  # None: the world's default, below
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be ≥ {low}")
-    for name in ("alpha", "eta", "temperature_max", "temperature_min", "lr"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
-    world = setup_world(args)
-    args.alpha = world.beta if args.alpha is None else args.alpha
-    args.lr = args.lr if args.lr is not None else {"tabular": 0.05, "arena": 2e-4, "real": 1e-6}[world.kind]
-    tabular = world.kind == "tabular"                       # world-specific defaults (deviation 8)
-    for name, lm, table in (("iterations", 6, 40), ("pairs_per_prompt", 4, 512), ("epochs", 2, 8),
-                            ("batch_size", 128, 2 ** 20)):
-        if getattr(args, name) is None:
-            setattr(args, name, table if tabular else lm)
+    # setup ---------------------------------------------------------------------------------------------------------
+    world = setup_world(args)   # the flags' defaults resolved for the world and checked; π_ref, judge, prompts loaded
     pi, ref, judge, gen = world.policy, world.ref, world.judge, world.generator  # π: max-player (SADPO: the policy)
     mu = None if args.single_agent else pi.frozen_copy().requires_grad_(True)    # min-player, μ₁ = π_ref too
-    head = pi if mu is None else mu             # the run's policy: eval/…, saved at the run dir root (deviation 7)
-    shuffle_gen = torch.Generator().manual_seed(args.seed)  # minibatch draws (CPU, whatever the device)
-    if args.pairs == "exact":  # the training games' matrices, (G, n, n) zero-padded (other games: weight 0)
-        exact_P = pi.matrices(world.prompts)
-        train_rows = exact_P.flatten(1).any(1)                              # (G,) games of world.prompts
-        W_sum = torch.zeros_like(exact_P)
-    algo = "sadpo" if args.single_agent else "tanpo"
-    run = RunDir(args, algo)  # --resume: the interrupted run's folder
+    head = pi if mu is None else mu   # the run's policy: eval/…, saved at the run dir's root (deviation 7)
     players = {"policy": pi} if mu is None else {"max_player": pi, "min_player": mu}
-    gens = {"sample": gen, "shuffle": shuffle_gen}
-    state = run.restore(players, gens)  # --resume: the state after the last complete iteration (D included)
-    D, D_ref = state.get("D"), state.get("D_ref", torch.zeros(0))
-    if args.pairs == "exact":
-        W_sum = state.get("W_sum", W_sum).to(W_sum)
-    as_max = lambda m: {k.replace("eval/", "eval_max/", 1): v for k, v in m.items()}  # the max-player's keys
-    if not run.rows:
-        ref_metrics = world.evaluate(head)
-        run.log({"iteration": 0, **ref_metrics, **({} if mu is None else as_max(ref_metrics))})
-    ref_metrics, metrics = run.rows[0], run.rows[-1]
-    max_metrics = {k.replace("eval_max/", "eval/", 1): v for k, v in metrics.items() if k.startswith("eval_max/")}
-
-    bar = run.iterations(args.iterations, algo)
-    for t in bar:
+    evaluated = None if mu is None else {"eval": (mu, "min-player μ (eval/…, the run's policy):"),
+                                         "eval_max": (pi, "max-player π (eval_max/…, max_player/ or policy_max.json):")}
+    run = RunDir(args, "sadpo" if mu is None else "tanpo", world, players, evaluated)  # --resume: D restored too
+    D, D_ref, W_sum = run.restored.get("D"), run.restored.get("D_ref", torch.zeros(0)), run.restored.get("W_sum")
+    for t in run.iterations():
         c = args.alpha / args.eta / t                               # c_t (deviation 2)
-        # π_t, μ_t: sampled before the first update, so the players themselves (no copies kept)
-        pi_t, mu_t = pi, mu
-        t0 = time.perf_counter()
-        # sample + judge + pairs -----------------------------------------------------------------------------
-        with world.autocast():
-            if args.pairs == "exact":  # no samples: D_t is the mixture of the tempered pair distributions
-                p, q = tempered(pi_t, args.temperature_max).detach(), tempered(mu_t, args.temperature_min).detach()
-                W_sum += exact_P * (p[:, :, None] * q[:, None, :] + q[:, :, None] * p[:, None, :])
-                l_ref = ref.log_probs().masked_fill(~ref.valid, 0.0)
-                gap = (l_ref[:, :, None] - l_ref[:, None, :]).abs()                        # |ℓ_ref(a) − ℓ_ref(b)|
-                diversity = (p[:, :, None] * q[:, None, :] * gap).sum((1, 2))[train_rows].mean()
-                n_new = 0
-            else:
-                n, T_max, T_min = args.pairs_per_prompt, args.temperature_max, args.temperature_min
-                if mu is None:  # SADPO: groups of K samples of π_t
-                    y = pi_t.sample(world.prompts, args.sadpo_k * n, generator=gen, temperature=T_max)
-                else:           # TANPO: n samples of π_t, then n of μ_t, per prompt (same row order)
-                    y = cat_samples([pi_t.sample(world.prompts, n, generator=gen, temperature=T_max),
-                                     mu_t.sample(world.prompts, n, generator=gen, temperature=T_min)])
-                y_ref = batched_logprobs(ref, y)                    # ℓ_ref: once, when the rows enter D
-                y_norm = y_ref / y.token_mask.sum(1).cpu()          # length-normalised (EOS counted; tabular: 1)
-                # the pairs (a¹, a²): a group's extremes of ℓ_ref/length (SADPO), or row i of each player (TANPO)
-                a, b = extreme_pairs(y_norm, args.sadpo_k) if mu is None else torch.arange(len(y)).chunk(2)
-                diversity = (y_norm[a] - y_norm[b]).abs().mean()    # Fig. 1's metric on the new pairs
-                ya, yb = y.select(a), y.select(b)
-                a_wins = judge.label(ya.prompts, ya.texts, yb.texts, gen).cpu()
-                rows = torch.stack([torch.where(a_wins, a, b), torch.where(a_wins, b, a)], 1).flatten()
-                D = y.select(rows) if D is None else cat_samples([D, y.select(rows)])
-                D_ref = torch.cat([D_ref, y_ref[rows]])
-                n_new = len(a)
-        t_sample = time.perf_counter() - t0
+        if args.pairs == "exact":   # tabular: D's expectation, no samples
+            with run.timed("train"):
+                row, W_sum = exact_iteration(pi, mu, ref, world, W_sum, t, c, args)
+            run.end_iteration(t, row, {"W_sum": W_sum})
+            continue
+        # sample + judge + pairs: π_t, μ_t are the players before this iteration's updates ---------------------------
+        with run.timed("sample"), world.autocast():
+            n, T_max, T_min = args.pairs_per_prompt, args.temperature_max, args.temperature_min
+            if mu is None:  # SADPO: groups of K samples of π_t
+                y = pi.sample(world.prompts, args.sadpo_k * n, generator=gen, temperature=T_max)
+            else:           # TANPO: n samples of π_t, then n of μ_t, per prompt (same row order)
+                y = cat_samples([pi.sample(world.prompts, n, generator=gen, temperature=T_max),
+                                 mu.sample(world.prompts, n, generator=gen, temperature=T_min)])
+            y_ref = batched_logprobs(ref, y, args.infer_batch)   # ℓ_ref: once, when the rows enter D
+            y_norm = y_ref / y.token_mask.sum(1).cpu()          # length-normalised (EOS counted; tabular: 1)
+            # the pairs (a¹, a²): a group's extremes of ℓ_ref/length (SADPO), or row i of each player (TANPO)
+            a, b = extreme_pairs(y_norm, args.sadpo_k) if mu is None else torch.arange(len(y)).chunk(2)
+            ya, yb = y.select(a), y.select(b)
+            a_wins = judge.label(ya.prompts, ya.texts, yb.texts, gen).cpu()
+            rows = torch.stack([torch.where(a_wins, a, b), torch.where(a_wins, b, a)], 1).flatten()
+            D = y.select(rows) if D is None else cat_samples([D, y.select(rows)])
+            D_ref = torch.cat([D_ref, y_ref[rows]])
         # loss + update: the max-player first, then the min-player's bonus under π_{t+1} ---------------------------
-        t0 = time.perf_counter()
-        row = {"iteration": t}
-        if args.pairs == "exact":
-            W = W_sum / t
-            row["train/loss_max"], _ = update_exact(pi, lambda: exact_dpo(pi, ref, W, args.alpha), args.epochs)
-            p_next = tempered(pi, 1.0).detach()                     # π_{t+1}
-            min_loss = lambda: exact_dpo(mu, ref, W, args.alpha) + exploration_bonus(
-                mu.log_probs().masked_fill(~mu.valid, 0.0), c, p_next * train_rows[:, None])
-            row["train/loss_min"], grad = update_exact(mu, min_loss, args.epochs)
-            if not grad <= 1e-6:  # no stationary point: L_min decreases without bound (deviation 2)
-                fail(f"--pairs exact: iteration {t}: the min-player's loss has no minimizer (the bonus "
-                     f"(α/η)/t·E_π[log μ] outweighs D as μ → 0 on the max-player's actions); try a larger --eta")
-        else:
-            trained = pi if mu is None else mu
-            if mu is not None:
-                row["train/loss_max"] = update(pi, D, D_ref, n_new, world, args, shuffle_gen)
+        with run.timed("train"):
+            row = {} if mu is None else {"train/loss_max": update(pi, D, D_ref, len(a), world, args)}
             with world.autocast():  # bonus samples, temperature 1: a ∼ π_{t+1} (TANPO) or a ∼ π_ref (SADPO)
                 bonus = (ref if mu is None else pi).sample(world.prompts, args.bonus_samples, generator=gen)
             key = "train/loss" if mu is None else "train/loss_min"
-            row[key] = update(trained, D, D_ref, n_new, world, args, shuffle_gen, bonus, c)
-        t_train = time.perf_counter() - t0
-        run.check_finite(t, [v for k, v in row.items() if k.startswith("train/")], *players.values())  # NaN: stop
-        # eval --------------------------------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        metrics = world.evaluate(head)
-        row.update(metrics)
-        if mu is not None:
-            max_metrics = world.evaluate(pi)
-            row.update(as_max(max_metrics))
-        row = {k: float(v) if torch.is_tensor(v) else v for k, v in row.items()}
-        row.update({"train/pairs": 0 if D is None else len(D) // 2, "train/bonus_coef": c,
-                    "train/diversity": float(diversity), "perf/sample_s": t_sample, "perf/train_s": t_train,
-                    "perf/eval_s": time.perf_counter() - t0})
-        run.log(row)
-        extra = {"W_sum": W_sum} if args.pairs == "exact" else {"D": D, "D_ref": D_ref}
-        run.checkpoint(t, players, gens, extra)
-        bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4f}" for k in ("eval/dual_gap", "eval/win_vs_ref")
-                         if k in metrics})
-
-    # save ------------------------------------------------------------------------------------------------------
-    head.save(run.tmp)
-    if mu is not None:  # the max-player next to it: max_player/ (LM, HF layout) or policy_max.json (tabular)
-        pi.save(run.file("max_player"))
-        if args.policy == "tabular":
-            os.replace(run.file(os.path.join("max_player", "policy.json")), run.file("policy_max.json"))
-            os.rmdir(run.file("max_player"))
-    path = run.finish()
-    if mu is not None:
-        print("min-player μ (eval/…, the run's policy):")
-    print(comparison_table(ref_metrics, metrics, world.games))
-    if mu is not None:
-        print("max-player π (eval_max/…, max_player/ or policy_max.json):")
-        print(comparison_table(ref_metrics, max_metrics, world.games))
-    print(f"run dir: {path}")
-    return path
+            row[key] = update(head, D, D_ref, len(a), world, args, bonus, c)
+        run.end_iteration(t, {**row, "train/pairs": len(D) // 2, "train/bonus_coef": c,
+                              "train/diversity": (y_norm[a] - y_norm[b]).abs().mean()}, {"D": D, "D_ref": D_ref})
+    # save ----------------------------------------------------------------------------------------------------------
+    return run.finish(lambda folder: save_players(folder, head, None if mu is None else pi))
 
 
 if __name__ == "__main__":

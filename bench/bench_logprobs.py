@@ -40,10 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.losses import token_logprobs  # noqa: E402
 
 
-def naive_logprobs(hidden, weight, targets, temperature=1.0):
+def naive_logprobs(hidden, weight, targets):
     logits = hidden @ weight.T  # (N, V)
-    if temperature != 1.0:
-        logits = logits / temperature
     return torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
 
 
@@ -62,13 +60,13 @@ def make_inputs(args, requires_grad):
     return h, w, t, g
 
 
-def run_once(fn, h, w, t, g, temperature, train):
+def run_once(fn, h, w, t, g, train):
     """Returns (log-probs, grads or None)."""
     if train:
-        lp = fn(h, w, t, temperature)
+        lp = fn(h, w, t)
         return lp.detach(), torch.autograd.grad(lp, (h, w), g.to(lp.dtype))
     with torch.no_grad():
-        return fn(h, w, t, temperature), None
+        return fn(h, w, t), None
 
 
 def sync(device):
@@ -122,7 +120,7 @@ def worker(args):
             Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
         except OSError:
             pass  # fall back to ru_maxrss, which may include an earlier peak
-    res = run_once(fn, h, w, t, g, args.temperature, train)
+    res = run_once(fn, h, w, t, g, train)
     sync(args.device)
     if cuda:
         peak = torch.cuda.max_memory_allocated()
@@ -133,7 +131,7 @@ def worker(args):
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del res
     with LiveBytes() as tracker:
-        res = run_once(fn, h, w, t, g, args.temperature, train)
+        res = run_once(fn, h, w, t, g, train)
         sync(args.device)
     print(json.dumps({"rss": peak - base - returned, "tracker": tracker.peak - returned}))
 
@@ -141,7 +139,7 @@ def worker(args):
 def measure_memory(args, variant, mode):
     cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--mode", mode,
            "--n", str(args.n), "--d", str(args.d), "--v", str(args.v), "--device", args.device,
-           "--dtype", args.dtype, "--temperature", str(args.temperature), "--seed", str(args.seed),
+           "--dtype", args.dtype, "--seed", str(args.seed),
            "--threads", str(args.threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -160,7 +158,7 @@ def measure_time(args, train):
             results.pop(name, None)  # free the previous result before timing
             sync(args.device)
             t0, c0 = time.perf_counter(), time.process_time()
-            res = run_once(VARIANTS[name], h, w, t, g, args.temperature, train)
+            res = run_once(VARIANTS[name], h, w, t, g, train)
             sync(args.device)
             if r > 0:
                 times[name].append(time.perf_counter() - t0)
@@ -182,7 +180,6 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per variant (after one warm-up)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

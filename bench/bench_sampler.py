@@ -6,7 +6,6 @@
       and a decode step ((N-token call - 1-token call) / (N - 1)) of each side, and two parts of our step measured
       alone (its matmuls with the weights in cache; the attention over each layer's cache at the run's lengths)
   (3) generate (KV cache) vs a no-cache loop (full forward over the whole prefix for every token), ~1M model
-  (4) generate_mixture (one KV cache per model) vs a no-cache mixture loop (both models over the prefix)
   (5) as (2) on the arena's SFT model (data/arena: Llama shape, RoPE, RMSNorm, SwiGLU, GQA, 0.89M trained
       parameters, the model every arena LM run samples from) against transformers' LlamaForCausalLM, B=64
 Both sides sample with temperature 1 and no top-k/top-p, with no EOS stop (every row generates the full
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.model import from_pretrained, linear  # noqa: E402
-from common.sampler import filter_logits, generate, generate_mixture, mixture_logits, sample  # noqa: E402
+from common.sampler import filter_logits, generate, sample  # noqa: E402
 
 
 def sync(device):
@@ -59,11 +58,10 @@ def random_gpt2(tmp, device, seed, **kw):
 
 
 @torch.no_grad()
-def nocache_generate(models, c, ids, max_new_tokens, generator):
-    """The naive reference: every token re-runs each model over the whole (uniform-length) prefix."""
+def nocache_generate(model, ids, max_new_tokens, generator):
+    """The naive reference: every token re-runs the model over the whole (uniform-length) prefix."""
     for _ in range(max_new_tokens):
-        logits = [linear(m.hidden_states(ids)[:, -1], m.lm_head_weight) for m in models]    # (B, V) each
-        logits = logits[0] if len(models) == 1 else mixture_logits(logits[0], logits[1], c)
+        logits = linear(model.hidden_states(ids)[:, -1], model.lm_head_weight)                # (B, V)
         tok = sample(filter_logits(logits), generator)                                        # (B,)
         ids = torch.cat([ids, tok[:, None]], dim=1)
     return ids
@@ -94,7 +92,7 @@ def main():
     ap.add_argument("--new", type=int, default=64, help="new tokens per row")
     ap.add_argument("--batch-large", type=int, default=8, help="batch size for the 124M model")
     ap.add_argument("--batch-small", type=int, default=64, help="batch size for the ~1M model")
-    ap.add_argument("--nocache-reps", type=int, default=2, help="timed runs per variant in (3) and (4)")
+    ap.add_argument("--nocache-reps", type=int, default=2, help="timed runs per variant in (3)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for both sides (0: leave the "
                     "default); a diagnostic for oversubscribed machines, not the reported setting")
     ap.add_argument("--skip", default="", help="comma-separated benchmark numbers to skip, e.g. 1")
@@ -180,9 +178,8 @@ def main():
         small = dict(vocab_size=2048, n_embd=128, n_layer=4, n_head=4, n_positions=256, bos_token_id=0,
                      eos_token_id=0)
         hf, ours = random_gpt2(tmp + "/a", device, 1, **small)
-        _, ours_b = random_gpt2(tmp + "/b", device, 2, **small)
         B = args.batch_small
-        print(f"(2-4) small model: {ours.num_params() / 1e6:.2f}M parameters, B={B}")
+        print(f"(2-3) small model: {ours.num_params() / 1e6:.2f}M parameters, B={B}")
         if "2" not in skip:
             t, variants = ours_vs_hf(hf, ours, B, f"(2) 1M, B={B}", args.reps)
             t1 = measure(variants, 1, args.reps, device, warmup_tokens=1)       # prefill + one sampled token
@@ -199,14 +196,9 @@ def main():
         prompts = ids.tolist()
         if "3" not in skip:
             t = measure({"ours": lambda n: generate(ours, prompts, n, generator=g),
-                         "nocache": lambda n: nocache_generate([ours], 0.0, ids, n, g)},
+                         "nocache": lambda n: nocache_generate(ours, ids, n, g)},
                         N, args.nocache_reps, device)
             record(f"(3) 1M, B={B}", "no-cache loop", B, t["nocache"], t["ours"])
-        if "4" not in skip:
-            t = measure({"ours": lambda n: generate_mixture(ours, ours_b, 0.25, prompts, n, generator=g),
-                         "nocache": lambda n: nocache_generate([ours, ours_b], 0.25, ids, n, g)},
-                        N, args.nocache_reps, device)
-            record(f"(4) mixture 1M x2, B={B}", "no-cache mixture", B, t["nocache"], t["ours"])
         if "5" not in skip:
             hf, ours = arena_models(device)
             print(f"(5) arena SFT model: {ours.num_params() / 1e6:.2f}M parameters, {type(hf).__name__}, B={B}")

@@ -1,36 +1,18 @@
 """The preference arena: games files, the exact β-regularized Nash equilibrium, and exact metrics.
 
-A game is one prompt x with a finite set of candidate answers y_1..y_n and a preference matrix
-P[i, j] = P(y_i ≻ y_j | x), P + Pᵀ = 1 (contract 2 of DESIGN.md). Every algorithm chases the
-equilibrium of the β-regularized game of ALGORITHMS.md §0:
-
-    J(π₁, π₂) = E_{y∼π₁, y'∼π₂} P(y ≻ y') − β KL(π₁‖π_ref) + β KL(π₂‖π_ref)
+A game is one prompt with candidate answers y_1..y_n and a preference matrix P[i, j] = P(y_i ≻ y_j), P + Pᵀ = 1 (the
+games file: docs/arena.md). Every algorithm chases the equilibrium of the β-regularized game (docs/algorithms.md §0):
     π*(y) ∝ π_ref(y) · exp(P(y ≻ π*) / β)                                (fixed point; solve_nash)
-    DG(π) = 2β log Σ_y π_ref(y) e^{P(y≻π)/β} + 2β KL(π‖π_ref) − 1          (closed form; dual_gap)
-
-Policies are scored exactly, never by sampling: `policy.distribution(games)` returns each game's
-probabilities over its candidates (common/policy.py). For a language model that vector has one more
-entry, the invalid mass 1 − Σ_i π(y_i) (everything that is not exactly a candidate + EOS); it is
-played as an extra action that loses to every candidate (P = 0) and ties itself (½), see
-`with_invalid`. In that (n+1)-action game π_ref is the SFT model's exact distribution, invalid
-mass included.
-
-Metrics (DESIGN.md contract 4; one value per game, then means, see `aggregate`):
-    eval/dual_gap    DG(π) above, with β from the games file
-    eval/exploit     max_y P(y ≻ π) − ½   (unregularized exploitability, in [0, ½])
-    eval/kl_ne       KL(π*‖π), π* from the float64 solver (fixed-point residual asserted ≤ 1e-10)
-    eval/win_vs_ref  P(π ≻ π_ref) = πᵀ P π_ref
-    eval/valid       mass on valid answers (1 for a tabular policy)
-Keys: eval/<metric> (mean over all evaluated games), eval/<metric>/<split>, eval/<metric>/<split>/<family>.
-
-Command line (prints the metrics table; default: the arena SFT model on data/arena/games.json):
-    python -m common.arena [--model DIR] [--ref-model DIR] [--policy-json FILE] [--games FILE] [--split S]
+    DG(π) = 2β log Σ_y π_ref(y) e^{P(y≻π)/β} + 2β KL(π‖π_ref) − 1          (duality gap, closed form; dual_gap)
+Policies are scored exactly: `policy.distribution(games)` gives each game's probabilities; a language model's has one
+more entry, its invalid mass (any text that is not exactly a candidate), played as an action that loses to every
+candidate (with_invalid, the one place that rule is written). evaluate() returns eval/dual_gap, eval/exploit,
+eval/kl_ne, eval/win_vs_ref and eval/valid (docs/metrics.md), as means over all games, per split and per
+split/family. A table of them: `python bench/arena_eval.py`.
 """
-import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -43,10 +25,10 @@ SOLVER_TOL = 1e-10  # max |π − BR(π)| accepted for the equilibrium π*
 PROB_TOL = 1e-6     # tolerance of the games-file checks (P + Pᵀ = 1, diagonal ½, Σ ref = 1)
 
 
-# ---- games files (contract 2) ------------------------------------------------------------------------
+# ---- games files (format: docs/arena.md) ------------------------------------------------------------------------
 
 class GamesError(ValueError):
-    """A games file that breaks contract 2; the message names the file and the game."""
+    """A games file that breaks the format (docs/arena.md); the message names the file and the game."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,13 +152,7 @@ def games_from_dict(obj, source="<memory>") -> Games:
     return Games(float(beta), games, source)
 
 
-def games_to_dict(games: Games) -> dict:
-    return {"beta": games.beta, "games": [
-        {"id": g.id, "prompt": g.prompt, "candidates": list(g.candidates), "P": g.P.tolist(),
-         "ref": g.ref.tolist(), "family": g.family, "split": g.split} for g in games]}
-
-
-# ---- the regularized game (ALGORITHMS.md §0), float64 ------------------------------------------------
+# ---- the regularized game (docs/algorithms.md §0), float64 ------------------------------------------------
 
 def with_invalid(P: np.ndarray) -> np.ndarray:
     """(n+1, n+1) matrix of the LM game: the last action is 'invalid text', which loses to every candidate
@@ -195,7 +171,7 @@ def _logsumexp(z):
 
 
 def best_response(P, ref, pi, beta):
-    """BR(π)(y) ∝ π_ref(y) · exp(P(y ≻ π)/β)   (ALGORITHMS.md §0)."""
+    """BR(π)(y) ∝ π_ref(y) · exp(P(y ≻ π)/β)   (docs/algorithms.md §0)."""
     z = np.log(ref) + (P @ pi) / beta
     z = np.exp(z - z.max())
     return z / z.sum()
@@ -210,7 +186,7 @@ def solve_nash(P, ref, beta, tol=SOLVER_TOL) -> np.ndarray:
     """The unique regularized equilibrium π* = BR(π*) in float64; raises AssertionError if the fixed-point
     residual max|π − BR(π)| ends above `tol`.
 
-    Phase 1, mirror-prox: the two closed-form proximal steps of ALGORITHMS.md §3 with η = 2β (fixed point π*),
+    Phase 1, mirror-prox: the two closed-form proximal steps of docs/algorithms.md §3 with η = 2β (fixed point π*),
     until the residual is < 1e-3. Phase 2, damped Newton on G(π) = π − BR(π), b = BR(π):
         J = I − (diag(b) − b bᵀ) P / β = I − S A / β,   S = diag(b) − b bᵀ ⪰ 0, A = P − ½ skew-symmetric
     (S 1 = 0 removes the ½ 1 1ᵀ part of P). S A has purely imaginary eigenvalues, so J (eigenvalues 1 − iλ/β)
@@ -287,7 +263,7 @@ def kl(p, q) -> float:
 
 def dual_gap(P, ref, pi, beta) -> float:
     """DG(π) = max_π₁ J(π₁, π) − min_π₂ J(π, π₂) = 2β log Σ_y π_ref(y) e^{P(y≻π)/β} + 2β KL(π‖π_ref) − 1
-    (ALGORITHMS.md §0). max_π₁ J(π₁, π) = β log Σ π_ref e^{Pπ/β} + β KL(π‖π_ref) (Gibbs variational
+    (docs/algorithms.md §0). max_π₁ J(π₁, π) = β log Σ π_ref e^{Pπ/β} + β KL(π‖π_ref) (Gibbs variational
     principle), and min_π₂ J(π, π₂) = 1 − that, because πᵀ P π₂ = 1 − π₂ᵀ P π."""
     return 2 * beta * _logsumexp(np.log(ref) + (P @ pi) / beta) + 2 * beta * kl(pi, ref) - 1
 
@@ -332,6 +308,17 @@ def per_game_metrics(pis, games: Games, refs=None) -> list:
     return out
 
 
+def split_keys(games) -> list:
+    """The split and split/family groups of `games` ("train", "train/bt", …), train first, each split before its
+    families: the rows of every metrics table."""
+    keys = []
+    for g in games:
+        for key in (g.split, f"{g.split}/{g.family}"):
+            if key not in keys:
+                keys.append(key)
+    return sorted(keys, key=lambda k: (k.split("/")[0] != "train", k.split("/")[0], "/" in k, k))
+
+
 def aggregate(rows: list, games: Games) -> dict:
     """Means of per-game metrics: eval/<m>, eval/<m>/<split>, eval/<m>/<split>/<family>."""
     groups = {"": list(range(len(games)))}
@@ -343,7 +330,7 @@ def aggregate(rows: list, games: Games) -> dict:
 
 
 def evaluate(policy, games: Games, ref=None) -> dict:
-    """Exact metrics of `policy` on `games` (means, per split, per split/family), contract 4 names.
+    """Exact metrics of `policy` on `games` (means, per split, per split/family; names: docs/metrics.md).
 
     policy: anything with .distribution(games) (TabularPolicy, LMPolicy) or a list of distributions.
     ref: π_ref — None for the games' ref (tabular), a policy (its distribution is used; for an LM pass
@@ -354,68 +341,3 @@ def evaluate(policy, games: Games, ref=None) -> dict:
     pis = dists(policy)
     refs = None if ref is None else (pis if ref is policy else dists(ref))
     return aggregate(per_game_metrics(pis, games, refs), games)
-
-
-def format_table(metrics: dict, games: Games, title=None) -> str:
-    """Plain text table: one row per split and split/family present in `metrics`, the overall mean last."""
-    keys = []
-    for g in games:
-        for key in (f"{g.split}", f"{g.split}/{g.family}"):
-            if key not in keys:
-                keys.append(key)
-    keys.sort(key=lambda k: (k.split("/")[0] != "train", k.split("/")[0], "/" in k, k))
-    counts = {k: sum(1 for g in games if k in (g.split, f"{g.split}/{g.family}")) for k in keys}
-    rows = [(k, counts[k], [metrics[f"eval/{m}/{k}"] for m in METRICS]) for k in keys]
-    rows.append(("all", len(games), [metrics[f"eval/{m}"] for m in METRICS]))
-    head = f"| {'split/family':<14} | {'games':>5} | " + " | ".join(f"{m:>10}" for m in METRICS) + " |"
-    sep = "|" + "-" * 16 + "|" + "-" * 6 + ":|" + "|".join("-" * 11 + ":" for _ in METRICS) + "|"
-    lines = ([title] if title else []) + [head, sep]
-    for name, count, vals in rows:
-        lines.append(f"| {name:<14} | {count:>5} | " + " | ".join(f"{v:>10.4f}" for v in vals) + " |")
-    return "\n".join(lines)
-
-
-# ---- command line -------------------------------------------------------------------------------------
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m common.arena", description=(
-        "Print the exact arena metrics of a policy. Default: the arena SFT model on data/arena/games.json."))
-    ap.add_argument("--model", default=None, help="HF-layout model folder (default: data/arena, the SFT model)")
-    ap.add_argument("--ref-model", default=None,
-                    help="π_ref for an LM policy (default: data/arena, the arena SFT model)")
-    ap.add_argument("--policy-json", default=None,
-                    help="a tabular policy.json instead of a model (π_ref = the games file's ref)")
-    ap.add_argument("--games", default=None, help="games file (contract 2; default data/arena/games.json)")
-    ap.add_argument("--split", default="all", help="evaluate one split only (train, test, …; default all)")
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args(argv)
-    try:
-        games = load_games(args.games or GAMES_PATH)
-        if args.split != "all":
-            games = games.select(split=args.split)
-            if not len(games):
-                raise GamesError(f"{args.games}: no game in split {args.split!r}")
-        from common.policy import LMPolicy, TabularPolicy
-        if args.policy_json is not None:
-            if args.model is not None:
-                raise ValueError("--policy-json and --model are exclusive")
-            policy, ref, what = TabularPolicy.load(args.policy_json, games), None, args.policy_json
-        else:
-            model_dir = args.model or ARENA_DIR
-            ref_dir = args.ref_model or ARENA_DIR
-            policy = LMPolicy.load(model_dir, device=args.device)
-            ref = policy if os.path.abspath(ref_dir) == os.path.abspath(model_dir) \
-                else LMPolicy.load(ref_dir, device=args.device)
-            what = args.model or "data/arena (SFT)"
-        metrics = evaluate(policy, games, ref)
-    except (GamesError, ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    where = args.games or "data/arena/games.json"
-    print(format_table(metrics, games, title=f"{what} on {where}, beta={games.beta:g}, split {args.split}"))
-    return 0
-
-
-if __name__ == "__main__":
-    from common.arena import main as _main  # the module's classes, not __main__'s copies (policy.py imports them)
-    sys.exit(_main())

@@ -1,32 +1,24 @@
-"""Chat prompts and chat templates: a conversation rendered the way the checkpoint was trained to read it.
+"""Text in, token ids out: the tokenizer and its special tokens, chat templates, prompt files.
 
     convs = read_prompts("prompts.jsonl")         # one {"prompt": "user text"} or {"messages": [...]} per line
     tmpl = ChatTemplate.load("model_dir")         # the folder's own template, or None when it has none
-    text = tmpl.render(convs[0].as_dicts(), add_generation_prompt=True)
-    ids = tokenizer.encode(text, add_special_tokens=False).ids   # the template already wrote BOS etc.
+    ids = tmpl.encode(load_tokenizer("model_dir"), convs[0].as_dicts(), add_generation_prompt=True)
 
-Rendering follows transformers' apply_chat_template(messages, add_generation_prompt=..., tokenize=False), so that a
-prompt is exactly what the model saw in its chat fine-tuning (tests/test_chat.py checks the equality on ChatML with and
-without a default system prompt, Llama-3 and Mistral [INST] templates):
-- the template comes from chat_template.jinja, else tokenizer_config.json "chat_template" (a string, or a list of
-  {"name", "template"} of which "default" is used): transformers' order of precedence (it reads no other file for a
-  tokenizer);
-- jinja2's sandboxed environment with trim_blocks and lstrip_blocks, the loopcontrols extension, a pass-through
-  {% generation %} block, raise_exception(), strftime_now(), a tojson filter that does not escape HTML;
-- the template sees messages, add_generation_prompt, tools = documents = None, and the tokenizer's special tokens
-  (bos_token, eos_token, unk_token, pad_token, … as strings) from tokenizer_config.json, which special_tokens_map.json
-  overrides where the config has no "added_tokens_decoder" (a legacy one; otherwise the map is not read).
-A rendered prompt is tokenized with add_special_tokens=False: the template writes the special tokens itself, and the
-tokenizer's post-processor would add a second BOS.
-
-The end-of-turn token (<|im_end|>, <|eot_id|>, </s>, …) is read off the template itself: the first special token the
-template writes after an assistant message's content (end_of_turn()). It ends a sampled response and is scored as
-its EOS (common/policy.py).
+A template renders a conversation exactly as transformers' apply_chat_template(..., tokenize=False) does, and the
+text is tokenized without special tokens (the template wrote them); its end-of-turn token ends a response
+(end_of_turn()). Details: docs/internals.md, "Chat templates and special tokens"; parity: tests/test_chat.py.
 """
 import json
 import os
 from dataclasses import dataclass
 from datetime import datetime
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from common.files import read_json
 
 ROLES = ("system", "user", "assistant", "tool")
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -36,7 +28,8 @@ class ChatError(ValueError):
     """A malformed prompt or a template that does not render: one line naming what was wrong."""
 
 
-def _one_line(msg: str) -> str:
+def one_line(msg: str) -> str:
+    """A message on one line (an error from user code may span several)."""
     return " ".join(msg.split("\n"))
 
 
@@ -112,16 +105,6 @@ def read_prompts(path, flag="--prompts") -> list:
     return out
 
 
-def _read_json(path):
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ChatError(f"{path}: not valid JSON ({e})") from None
-
-
 def _token_str(v):
     """A special token as tokenizer_config.json writes it: a string or an AddedToken dict {"content": …}."""
     if isinstance(v, dict):
@@ -129,13 +112,77 @@ def _token_str(v):
     return v if isinstance(v, str) else None
 
 
+# ---- the tokenizer and its special tokens -------------------------------------------------------------------
+
+def load_tokenizer(path):
+    """tokenizers.Tokenizer from `path`/tokenizer.json (no transformers needed)."""
+    f = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{f}: not found")
+    return Tokenizer.from_file(f)
+
+
+def special_tokens(path) -> dict:
+    """The special tokens of model folder `path` as strings ({"bos_token": "<s>", "eos_token": …, …}), as
+    transformers hands them to a chat template: tokenizer_config.json's, which special_tokens_map.json overrides where
+    the config has no "added_tokens_decoder" (a legacy config), plus transformers 5's "extra_special_tokens"."""
+    tok_cfg = read_json(os.path.join(path, "tokenizer_config.json")) or {}
+    special = {k: _token_str(v) for k, v in tok_cfg.items() if k in SPECIAL_KEYS or k.endswith("_token")}
+    if "added_tokens_decoder" not in tok_cfg:
+        for k, v in (read_json(os.path.join(path, "special_tokens_map.json")) or {}).items():
+            if k in SPECIAL_KEYS:
+                special[k] = _token_str(v)
+    extra = tok_cfg.get("extra_special_tokens")
+    if isinstance(extra, dict):
+        special.update({k: _token_str(v) for k, v in extra.items() if k not in special})
+    return {k: v for k, v in special.items() if v is not None}
+
+
+def special_token_ids(path) -> dict:
+    """eos_id / pad_id / bos_id from config.json, then generation_config.json, then the special token strings
+    (special_tokens(), resolved through tokenizer.json). eos_id is config.json's (the first when it gives a list);
+    eos_ids is every EOS id that config.json and generation_config.json list (instruct checkpoints often list their
+    end-of-turn token in one of them only), eos_id first. pad_id falls back to eos_id."""
+    ids = {"eos_id": None, "pad_id": None, "bos_id": None, "eos_ids": []}
+    for src in (read_json(os.path.join(path, "config.json")) or {},
+                read_json(os.path.join(path, "generation_config.json")) or {}):
+        for key, name in (("eos_token_id", "eos_id"), ("pad_token_id", "pad_id"), ("bos_token_id", "bos_id")):
+            v = src.get(key)
+            if v is None:
+                continue
+            if key == "eos_token_id":
+                listed = list(v) if isinstance(v, list) else [v]
+                ids["eos_ids"] += [e for e in listed if e not in ids["eos_ids"]]
+                v = listed[0] if listed else None
+            if ids[name] is None:
+                ids[name] = v
+    tok = load_tokenizer(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+    strings = special_tokens(path)
+    for key, name in (("eos_token", "eos_id"), ("pad_token", "pad_id"), ("bos_token", "bos_id")):
+        if ids[name] is None and tok is not None and key in strings:
+            ids[name] = tok.token_to_id(strings[key])
+    if not ids["eos_ids"] and ids["eos_id"] is not None:
+        ids["eos_ids"] = [ids["eos_id"]]
+    if ids["pad_id"] is None:
+        ids["pad_id"] = ids["eos_id"]
+    return ids
+
+
+def encode_prompt(tokenizer, prompt: str) -> list:
+    """A raw prompt (the arena's layout): tokenized with the tokenizer's own special tokens (e.g. a BOS from its
+    post-processor)."""
+    return tokenizer.encode(prompt).ids
+
+
+def encode_response(tokenizer, response: str) -> list:
+    """An answer tokenized on its own, no special tokens (EOS is appended by the caller)."""
+    return tokenizer.encode(response, add_special_tokens=False).ids
+
+
 class ChatTemplate:
     """A checkpoint's chat template, compiled once: render() returns what apply_chat_template(tokenize=False) does."""
 
     def __init__(self, source: str, special_tokens: dict = None, where: str = "chat template"):
-        import jinja2
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
         self.source, self.where = source, where
         self.special_tokens = dict(special_tokens or {})
 
@@ -165,23 +212,15 @@ class ChatTemplate:
         try:
             self._template = env.from_string(source)
         except jinja2.exceptions.TemplateError as e:
-            raise ChatError(_one_line(f"{where}: the chat template does not compile (line {e.lineno}: {e})")) \
+            raise ChatError(one_line(f"{where}: the chat template does not compile (line {e.lineno}: {e})")) \
                 from None
 
     @classmethod
     def load(cls, path, jinja_file=None) -> "ChatTemplate | None":
         """The template of model folder `path` (module docstring for where it is looked up), or None. jinja_file: a
         template file to use instead of the folder's own (the folder still gives the special tokens)."""
-        tok_cfg = _read_json(os.path.join(path, "tokenizer_config.json")) or {}
-        special = {k: _token_str(v) for k, v in tok_cfg.items() if k in SPECIAL_KEYS or k.endswith("_token")}
-        if "added_tokens_decoder" not in tok_cfg:  # a legacy config, which transformers lets the map override
-            for k, v in (_read_json(os.path.join(path, "special_tokens_map.json")) or {}).items():
-                if k in SPECIAL_KEYS:
-                    special[k] = _token_str(v)
-        extra = tok_cfg.get("extra_special_tokens")
-        if isinstance(extra, dict):  # transformers 5 passes these named tokens to the template too
-            special.update({k: _token_str(v) for k, v in extra.items() if k not in special})
-        special = {k: v for k, v in special.items() if v is not None}
+        tok_cfg = read_json(os.path.join(path, "tokenizer_config.json")) or {}
+        special = special_tokens(path)
         if jinja_file is None:
             jinja_file = os.path.join(path, "chat_template.jinja")
         elif not os.path.isfile(jinja_file):
@@ -204,15 +243,14 @@ class ChatTemplate:
 
     def render(self, messages: list, add_generation_prompt: bool = True) -> str:
         """The conversation as text, exactly as apply_chat_template(messages, add_generation_prompt, tokenize=False)."""
-        import jinja2
         try:
             return self._template.render(messages=messages, tools=None, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except jinja2.exceptions.TemplateError as e:
-            raise ChatError(_one_line(f"{self.where}: the chat template failed to render a conversation of roles "
+            raise ChatError(one_line(f"{self.where}: the chat template failed to render a conversation of roles "
                                       f"{[m['role'] for m in messages]} ({e})")) from None
         except (TypeError, KeyError, AttributeError, IndexError, ValueError) as e:
-            raise ChatError(_one_line(f"{self.where}: the chat template failed to render "
+            raise ChatError(one_line(f"{self.where}: the chat template failed to render "
                                       f"({type(e).__name__}: {e})")) from None
 
     def encode(self, tokenizer, messages: list, add_generation_prompt: bool = True) -> list:

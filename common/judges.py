@@ -1,29 +1,12 @@
 """Preference oracles ("judges"): P(a ≻ b | prompt) for batches, and Bernoulli labels drawn from it.
 
     judge.prob(prompts, a, b)               -> (B,) float64 tensor, P(a_i ≻ b_i | prompts_i)
-    judge.label(prompts, a, b, generator)   -> (B,) bool tensor, True where a_i ≻ b_i, drawn as u_i < P with
-                                               u_i ~ U(0, 1) from the explicit torch.Generator (on its device)
+    judge.label(prompts, a, b, generator)   -> (B,) bool tensor, u_i < P with u_i ~ U(0, 1) from the generator
+    judge.check(prompts)                    raises before a run starts if the judge cannot read a prompt
 A prompt is a Game's text (str, the arena) or a chat prompt (common.chat.Conversation; a str is one user turn).
-Implementations:
-    ArenaJudge(games)      text in, the games file's matrix out: P[i, j] when a and b are candidates i and j of the
-                           prompt's game (exact match after strip()); 0 for invalid text against a candidate,
-                           1 for a candidate against invalid text, ½ for two invalid texts (DESIGN.md, the arena)
-    RewardModelJudge(dir)  a Bradley–Terry reward model, a *ForSequenceClassification folder loaded with
-                           common/model.py: P = σ(r(x, a) − r(x, b)), r the score at the last token of the
-                           conversation (prompt, answer) rendered with the reward model's own chat template, or, when it
-                           has none, of encode(prompt) + encode(answer) + [EOS] (contract 2; EOS omitted when it is the
-                           pad id)
-    PairJudge(dir)         a causal LM as a general preference oracle in the RLHFlow pairwise format (PairJudge's
-                           docstring); both orders averaged, so P(a ≻ b) + P(b ≻ a) = 1; it can be intransitive
-    PyJudge(file, name)    the user's function name(prompts, a, b) -> P(a ≻ b), one value in [0, 1] per pair; prompts
-                           reach it as conversations (lists of {"role", "content"} dicts). A function with the
-                           attributes `categories` and `matrix` plays a finite game over response classes
-                           (CategoryGame), whose regularized equilibrium mix is exact: the sampled evaluation reports
-                           the distance to it
-    TabularJudge(games)    the same matrices as ArenaJudge over action indices: prompts are game ids, a and b
-                           LongTensors of candidate indices (−1 = invalid); no strings involved
-make_judge("arena" | "rm:DIR" | "pair:DIR" | "py:FILE.py:NAME", games) builds one from a --judge flag. The model judges
-score under no_grad in batches of `batch_size` rows (bf16 autocast on CUDA when the caller enables it).
+make_judge(--judge flag) builds one of: ArenaJudge (the games' matrices), RewardModelJudge (rm:DIR, Bradley–Terry),
+PairJudge (pair:DIR, a causal LM comparing two responses) and PyJudge (py:FILE.py:NAME, the user's function, which may
+declare a CategoryGame over response classes). docs/internals.md, "Judges".
 """
 import importlib.util
 import os
@@ -31,9 +14,10 @@ import os
 import numpy as np
 import torch
 
-from common.arena import Games, equilibrium, kl, load_games
-from common.chat import ChatTemplate, Conversation, _one_line, conversation
-from common.policy import encode_prompt, encode_response
+from common.arena import Games, equilibrium, kl, load_games, with_invalid
+from common.chat import (ChatTemplate, Conversation, conversation, encode_prompt, encode_response, load_tokenizer,
+                         one_line, special_token_ids)
+from common.model import from_pretrained, pad_rows
 
 
 class JudgeError(ValueError):
@@ -74,12 +58,12 @@ class ArenaJudge(Judge):
 
     def __init__(self, games: Games):
         self.games = games
-        self.by_prompt = {}
+        self.by_prompt = {}       # prompt -> (game, {candidate: index}, the matrix with the invalid action last)
         for g in games:
             if g.prompt in self.by_prompt:
                 raise ValueError(f"{games.path}: games {self.by_prompt[g.prompt][0].id!r} and {g.id!r} share a prompt; "
                                  f"the arena judge identifies a game by its prompt")
-            self.by_prompt[g.prompt] = (g, {c.strip(): i for i, c in enumerate(g.candidates)})
+            self.by_prompt[g.prompt] = (g, {c.strip(): i for i, c in enumerate(g.candidates)}, with_invalid(g.P))
 
     def _key(self, prompt):
         """A single-turn chat prompt is its text; a game is found by its prompt text."""
@@ -92,7 +76,11 @@ class ArenaJudge(Judge):
         return self._key(prompt) in self.by_prompt
 
     def check(self, prompts):
-        pass  # setup_world has checked every prompt with knows()
+        """Every prompt must be one of the games' (a chat prompt: a single user turn with a game's text)."""
+        unknown = [p for p in ([prompts] if isinstance(prompts, (str, Conversation)) else prompts) if not self.knows(p)]
+        if unknown:
+            raise ValueError(f"--judge arena knows only the prompts of {self.games.path}; a prompt is "
+                             f"{str(unknown[0])!r} (use --judge rm:DIR, pair:DIR or py:FILE.py:NAME)")
 
     def index(self, prompt, text) -> int:
         """Candidate index of `text` in the game of `prompt` (exact match after strip()), −1 if invalid."""
@@ -105,77 +93,46 @@ class ArenaJudge(Judge):
         _check_batch(prompts, a, b)
         out = torch.empty(len(prompts), dtype=torch.float64)
         for k, (x, ya, yb) in enumerate(zip(prompts, a, b)):
-            i, j = self.index(x, ya), self.index(x, yb)
-            if i >= 0 and j >= 0:
-                out[k] = float(self.by_prompt[self._key(x)][0].P[i, j])
-            else:  # invalid loses to valid, two invalid tie
-                out[k] = 0.5 if i == j == -1 else float(i >= 0)
+            i, j = self.index(x, ya), self.index(x, yb)   # −1 (invalid text): with_invalid's last row / column
+            out[k] = float(self.by_prompt[self._key(x)][2][i, j])
         return out
 
 
-class TabularJudge(Judge):
-    """P over action indices: prob(game_ids, a, b) with a, b (B,) long candidate indices, −1 = invalid."""
+class ModelJudge(Judge):
+    """A judge that runs a model folder (common/model.py) with its tokenizer, chat template and pad id, under no_grad,
+    batch_size rows of similar length per pass (bf16 autocast on CUDA when the caller enables it)."""
 
-    def __init__(self, games: Games):
-        self.games = games
-        self.index = {g.id: k for k, g in enumerate(games)}
-        n = max(g.n for g in games)
-        # (G, n+1, n+1): column/row n is "invalid": P[i, n] = 1, P[n, i] = 0, P[n, n] = ½
-        P = torch.ones(len(games), n + 1, n + 1, dtype=torch.float64)
-        P[:, n, :] = 0.0
-        P[:, n, n] = 0.5
-        for k, g in enumerate(games):
-            P[k, :g.n, :g.n] = torch.tensor(g.P)
-        self.P, self.n = P, n
+    def __init__(self, path, device, dtype, batch_size):
+        self.model = from_pretrained(path, device=device, dtype=dtype).eval().requires_grad_(False)
+        self.tokenizer, self.chat_template = load_tokenizer(path), ChatTemplate.load(path)
+        ids = special_token_ids(path)
+        self.eos_id, self.pad_id = ids["eos_id"], ids["pad_id"] if ids["pad_id"] is not None else 0
+        self.batch_size = batch_size
 
-    def prob(self, prompts, a, b) -> torch.Tensor:
-        _check_batch(prompts, a, b)
-        rows = torch.tensor([self.index[p.id if hasattr(p, "id") else p] for p in prompts], dtype=torch.long)
-        a = torch.as_tensor(a, dtype=torch.long).cpu()
-        b = torch.as_tensor(b, dtype=torch.long).cpu()
-        a = torch.where(a < 0, self.n, a)
-        b = torch.where(b < 0, self.n, b)
-        return self.P[rows, a, b]
+    @torch.no_grad()
+    def run(self, rows, fn) -> torch.Tensor:
+        """(N,) float64: fn(ids, attention_mask) -> (b,) on the token-id lists `rows`, left-padded."""
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        out, dev = torch.zeros(len(rows), dtype=torch.float64), self.model.embed_tokens.weight.device
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            ids, attn = (t.to(dev) for t in pad_rows([rows[i] for i in idx], self.pad_id))
+            out[idx] = fn(ids, attn).double().cpu()
+        return out
 
 
-def _pad_left(rows, pad_id, device):
-    """Left-padded ids and attention mask (B, T) of token-id lists: the last column is every row's last token."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        attn[i, T - len(r):] = 1
-    return ids.to(device), attn.to(device)
-
-
-def _batches(rows, batch_size):
-    """Indices of `rows` in batches of at most batch_size rows of similar length (less padding)."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-
-
-class RewardModelJudge(Judge):
+class RewardModelJudge(ModelJudge):
     """σ(r(x, a) − r(x, b)) with a *ForSequenceClassification checkpoint (num_labels = 1)."""
 
     def __init__(self, path, device="cpu", dtype=torch.float32, batch_size=64):
-        from common.model import from_pretrained, load_tokenizer, special_token_ids
-        self.model = from_pretrained(path, device=device, dtype=dtype).eval().requires_grad_(False)
-        cfg = self.model.config
-        if not cfg.is_reward_model or cfg.num_labels != 1:
+        super().__init__(path, device, dtype, batch_size)
+        if not self.model.config.is_reward_model or self.model.config.num_labels != 1:
             raise ValueError(f"{path}: not a reward model (expected a *ForSequenceClassification config.json "
                              f"with num_labels = 1)")
-        self.tokenizer = load_tokenizer(path)
-        self.chat_template = ChatTemplate.load(path)
-        ids = special_token_ids(path)
-        self.eos_id, self.pad_id = ids["eos_id"], ids["pad_id"]
-        if self.pad_id is None:
-            self.pad_id = 0
-        self.batch_size = batch_size
 
     def encode(self, prompt, response) -> list:
         """Token ids the reward model scores: the conversation + the answer as an assistant turn, rendered with its
-        own chat template (as such models are trained and scored); without one, contract 2's raw layout."""
+        own chat template (as such models are trained and scored); without one, the arena's raw layout."""
         if self.chat_template is not None:
             turns = conversation(prompt).as_dicts() + [{"role": "assistant", "content": response}]
             return self.chat_template.encode(self.tokenizer, turns, add_generation_prompt=False)
@@ -188,16 +145,9 @@ class RewardModelJudge(Judge):
     def render_check(self, prompt):
         self.encode(prompt, "Yes.")
 
-    @torch.no_grad()
     def score(self, prompts, responses) -> torch.Tensor:
-        """(B,) float64 rewards r(x, y): the score head at the last token of each row, batch_size rows at a time."""
-        rows = [self.encode(x, y) for x, y in zip(prompts, responses)]
-        dev = self.model.embed_tokens.weight.device
-        out = torch.zeros(len(rows), dtype=torch.float64)
-        for idx in _batches(rows, self.batch_size):
-            ids, attn = _pad_left([rows[i] for i in idx], self.pad_id, dev)
-            out[idx] = self.model(ids, attention_mask=attn).double().cpu()
-        return out
+        """(B,) float64 rewards r(x, y): the score head at the last token of each row."""
+        return self.run([self.encode(x, y) for x, y in zip(prompts, responses)], self.model)
 
     def prob(self, prompts, a, b) -> torch.Tensor:
         """One reward-model pass over the distinct (prompt, response) pairs of both sides: all pairs among K
@@ -223,7 +173,7 @@ PLAIN_CONTEXT_TEMPLATE = ("\n{% for message in messages %}{% if loop.index0 % 2 
 PAIR_MESSAGE = "[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b} \n"
 
 
-class PairJudge(Judge):
+class PairJudge(ModelJudge):
     """A causal LM as a pairwise preference oracle, in the format of the RLHFlow pairwise preference model (the oracle
     of INPO's experiments):
         context = the conversation rendered with PLAIN_CONTEXT_TEMPLATE
@@ -237,13 +187,10 @@ class PairJudge(Judge):
     once); the RLHFlow scripts may differ in such details (a generation prompt, a BOS stripped), not checked here."""
 
     def __init__(self, path, device="cpu", dtype=torch.float32, batch_size=16):
-        from common.model import from_pretrained, load_tokenizer, special_token_ids
-        self.model = from_pretrained(path, device=device, dtype=dtype).eval().requires_grad_(False)
+        super().__init__(path, device, dtype, batch_size)
         if self.model.config.is_reward_model:
             raise ValueError(f"--judge pair:{path}: a *ForSequenceClassification model; a pair judge is a causal LM "
                              f"(use rm:{path})")
-        self.tokenizer = load_tokenizer(path)
-        self.chat_template = ChatTemplate.load(path)
         if self.chat_template is None:
             raise ValueError(f"--judge pair:{path}: the judge has no chat template (tokenizer_config.json "
                              f"chat_template or chat_template.jinja)")
@@ -256,9 +203,6 @@ class PairJudge(Judge):
                                  f"needs single tokens A and B")
             choice.append(ids[0])
         self.choice = torch.tensor(choice)                      # (2,) ids of "A", "B"
-        ids = special_token_ids(path)
-        self.pad_id = ids["pad_id"] if ids["pad_id"] is not None else 0
-        self.batch_size = batch_size
         self._context = {}
 
     def encode(self, prompt, first, second) -> list:
@@ -274,19 +218,15 @@ class PairJudge(Judge):
     def render_check(self, prompt):
         self.encode(prompt, "Yes.", "No.")
 
-    @torch.no_grad()
     def first_wins(self, prompts, first, second) -> torch.Tensor:
         """(N,) float64 p(first, second): the judge's probability of "A" against "B" after the input."""
-        rows = [self.encode(x, f, s) for x, f, s in zip(prompts, first, second)]
         w = self.model.lm_head_weight
         head = w[self.choice.to(w.device)]                      # (2, d): only the two answer tokens' logits
-        out = torch.zeros(len(rows), dtype=torch.float64)
-        for idx in _batches(rows, self.batch_size):
-            ids, attn = _pad_left([rows[i] for i in idx], self.pad_id, w.device)
-            h = self.model.hidden_states(ids, attention_mask=attn)[:, -1]          # (b, d) the last token's state
-            logits = h.float() @ head.float().T                                     # (b, 2)
-            out[idx] = logits.double().softmax(-1)[:, 0].cpu()
-        return out
+
+        def a_vs_b(ids, attn):                                  # the last token's state -> softmax over (A, B), at A
+            h = self.model.hidden_states(ids, attention_mask=attn)[:, -1]
+            return (h.float() @ head.float().T).double().softmax(-1)[:, 0]
+        return self.run([self.encode(x, f, s) for x, f, s in zip(prompts, first, second)], a_vs_b)
 
     def prob(self, prompts, a, b) -> torch.Tensor:
         _check_batch(prompts, a, b)
@@ -302,8 +242,8 @@ class PairJudge(Judge):
 class CategoryGame:
     """A finite preference game over response classes: P(a ≻ b) = matrix[c(a)][c(b)], with c = categories(prompts,
     responses). The regularized equilibrium of such a game is a mix of classes, and since P depends on a response only
-    through its class, π*(class | x) solves the class game with π_ref(class | x) as reference (ALGORITHMS.md §0 on the
-    classes): given π_ref's class frequencies the target is exact."""
+    through its class, π*(class | x) solves the class game with π_ref(class | x) as reference (docs/algorithms.md §0,
+    played over classes): given π_ref's class frequencies the target is exact."""
 
     def __init__(self, matrix, categories, names=None, where="judge"):
         P = np.asarray(matrix, dtype=np.float64)
@@ -319,7 +259,7 @@ class CategoryGame:
         try:
             c = np.asarray(self.categories([conversation(p).as_dicts() for p in prompts], list(responses)))
         except Exception as e:  # the user's function
-            raise JudgeError(_one_line(f"{self.where}: categories() raised {type(e).__name__}: {e}")) from None
+            raise JudgeError(one_line(f"{self.where}: categories() raised {type(e).__name__}: {e}")) from None
         if c.shape != (len(responses),) or not np.issubdtype(c.dtype, np.integer) or c.min() < 0 \
                 or c.max() >= len(self.P):
             raise JudgeError(f"{self.where}: categories() must return one int in [0, {len(self.P)}) per response")
@@ -369,7 +309,7 @@ class PyJudge(Judge):
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         except Exception as e:  # the user's file: any error it raises on import
-            raise ValueError(_one_line(f"--judge {self.spec}: {file} does not import ({type(e).__name__}: {e})")) \
+            raise ValueError(one_line(f"--judge {self.spec}: {file} does not import ({type(e).__name__}: {e})")) \
                 from None
         fn = getattr(module, name, None)
         if not callable(fn):
@@ -390,7 +330,7 @@ class PyJudge(Judge):
         try:
             out = self.fn([conversation(p).as_dicts() for p in prompts], list(a), list(b))
         except Exception as e:
-            raise JudgeError(_one_line(f"--judge {self.spec}: raised {type(e).__name__}: {e}")) from None
+            raise JudgeError(one_line(f"--judge {self.spec}: raised {type(e).__name__}: {e}")) from None
         try:
             p = np.asarray(out, dtype=np.float64)
         except (TypeError, ValueError):

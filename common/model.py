@@ -1,38 +1,23 @@
 """One decoder-only transformer for GPT-2 and the Llama family, loading and saving Hugging Face layout.
 
-Covers (config.json `model_type`):
-  gpt2                         learned positions, LayerNorm, GELU(tanh) MLP, fused c_attn (Conv1D layout)
-  llama / mistral              RoPE (rope_theta, optional "linear" / "llama3" scaling), RMSNorm, SwiGLU, GQA
-  qwen2                        as llama, with q/k/v biases
-  qwen3                        as llama, with RMSNorm on each head of q and k (before RoPE)
-A `*ForSequenceClassification` checkpoint loads as a reward model: `forward` then returns the score
-head's output at the last non-pad token, (B,) when num_labels == 1.
+Covers (config.json `model_type`): gpt2 (learned positions, LayerNorm, GELU(tanh), Conv1D layout); llama and mistral
+(RoPE with optional "linear" / "llama3" scaling, RMSNorm, SwiGLU, GQA); qwen2 (llama + q/k/v biases); qwen3 (llama
++ RMSNorm on each head of q and k). A `*ForSequenceClassification` checkpoint loads as a reward model: `forward`
+returns the score head's output at the last non-pad token, (B,) when num_labels == 1.
 
-Contract 1 of DESIGN.md:
   model = from_pretrained(path, device="cpu", dtype=torch.float32)
   logits = model(input_ids, attention_mask=None)        # (B, T, V)   or scores (B,) for a reward model
   model.save_pretrained(path)                           # config.json + model.safetensors, loadable by transformers
-Extra members used by the sampler and the loss module:
   model.hidden_states(input_ids, attention_mask=None, position_ids=None, cache=None)  # (B, T, d), final norm applied
   model.lm_head_weight                                  # (V, d); the embedding matrix when tied
-  model.new_cache(batch_size, max_len)                  # preallocated KV cache (KVCache), gpt-fast style
-
-Inside, q/k/v and SwiGLU's gate/up are stacked into one Linear each (qkv_proj, gate_up_proj: one GEMM instead of
-three / two); checkpoints keep transformers' separate tensors (stacked on load, each piece shape-checked; split on
-save). Every projection goes through linear(), which on CPU switches decode-sized products to the (W x^T)^T form.
-
-Padding: position ids are derived from attention_mask (cumsum − 1) unless given, so a left-padded row gets
-the same positions as the row run alone (the left-padding position bug of TRL #6800 cannot occur).
-Attention: a padded key is never attended to; a padded query attends to itself only (its output is
-garbage but finite and never used), so fully masked softmax rows — NaNs — cannot appear.
-Not implemented (a config asking for it raises, see _check_supported): sliding-window attention beyond the
-window, rope scaling types other than linear / llama3, Qwen3-MoE / Mixtral experts.
+  model.new_cache(batch_size, max_len)                  # preallocated KV cache for common/sampler.py
+Stacked projections, padding and attention masks, loading: docs/internals.md, "The model". Logits equal
+transformers' for every family (tests/test_model.py).
 """
 import contextlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -41,6 +26,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from common.files import atomic_dir, read_json
+from common.hf_layout import from_hf_state_dict, to_hf_state_dict
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED = LLAMA_FAMILY + ("gpt2",)
@@ -177,10 +165,10 @@ LARGE_WEIGHT = 1 << 19    # ... and a weight of at least this many entries (2 Mi
 def linear(x, weight, bias=None):
     """F.linear(x, weight, bias) = x W^T + b, x (..., in), weight (out, in). On CPU, when x has at most SKINNY_ROWS
     rows and the weight at least LARGE_WEIGHT entries (a decode step of a model that does not fit in cache), it
-    computes (W x^T)^T instead: the same product, but W streams as the untransposed operand of the GEMM. With
-    torch 2.13's CPU BLAS on the dev box that is 1.1-2.6x faster for such shapes (2.4x for GPT-2's LM head at 8
-    rows; bench/bench_sampler.py (1) reports both forms), and slower for small weights, hence the thresholds.
-    Values equal F.linear's to float rounding; elsewhere (CUDA, training batches) it is F.linear."""
+    computes (W x^T)^T instead: the same product, but W streams as the untransposed operand of the GEMM, which CPU
+    BLAS does faster for such shapes and slower for small weights, hence the thresholds (bench/bench_sampler.py (1)
+    times both forms; docs/benchmarks.md). Values equal F.linear's to float rounding; elsewhere (CUDA, training
+    batches) it is F.linear."""
     rows = x.numel() // max(x.shape[-1], 1)
     if x.device.type != "cpu" or not 0 < rows <= SKINNY_ROWS or weight.numel() < LARGE_WEIGHT:
         return F.linear(x, weight, bias)
@@ -201,8 +189,8 @@ GELU_C = 2 * math.sqrt(2 / math.pi)
 def gelu_tanh(x):
     """GPT-2's GELU, tanh approximation: x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). Without autograd it is
     evaluated as x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)) (the same function, as (1 + tanh z)/2 = sigmoid(2z)) in
-    one new buffer and five in-place passes: 2.2x faster than F.gelu(approximate="tanh") on a GPT-2 prefill activation on the dev box,
-    equal to it to 5e-7. With autograd it is F.gelu."""
+    one new buffer and five in-place passes, faster than F.gelu(approximate="tanh") on CPU and equal to it to float
+    rounding (tests/test_model.py: GPT-2 logits vs transformers). With autograd it is F.gelu."""
     if torch.is_grad_enabled() and x.requires_grad:
         return F.gelu(x, approximate="tanh")
     y = x * x
@@ -227,7 +215,7 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies (head_dim/2,) of RoPE, with the config's scaling (RoFormer; Llama 3.1 report)."""
     dim = cfg.head_dim
-    # on the CPU even inside _meta_model(): meta-tensor arithmetic costs ~1 s (torch 2.13 imports torch._dynamo for it)
+    # on the CPU even inside _meta_model(): meta-tensor arithmetic is slow (torch imports torch._dynamo for it)
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     s = cfg.rope_scaling or {}
     kind = s.get("rope_type", s.get("type", "default"))
@@ -253,6 +241,19 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def pad_rows(rows, pad_id, left=True):
+    """Token-id lists (ragged) -> ids and attention mask, both (B, T) long on the CPU, padded with pad_id on the left
+    (prompts: the last column is every row's last token) or on the right (responses)."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(T - len(r), T) if left else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 class KVCache:
     """Preallocated keys/values per layer, (B, n_kv, max_len, hs), filled left to right; `pos` = filled length.
     All rows share one position counter: ragged prompts are left-padded (see sampler.py)."""
@@ -269,11 +270,6 @@ class KVCache:
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def reorder(self, index):
-        """Keep rows `index` (e.g. to drop finished rows); index a LongTensor on the cache's device."""
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
 
 
 class Attention(nn.Module):
@@ -470,139 +466,18 @@ def _check_supported(cfg: ModelConfig):
                          f"num_key_value_heads {cfg.num_key_value_heads}")
     if cfg.model_type != "gpt2":
         rope_inv_freq(cfg)  # raises on unsupported scaling
-    elif cfg.num_key_value_heads != cfg.num_attention_heads or cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
+    elif cfg.num_key_value_heads != cfg.num_attention_heads or \
+            cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
         raise ValueError("gpt2 has neither grouped-query attention nor a separate head_dim")
-
-
-# ---- HF names <-> our names -------------------------------------------------------------------------
-
-FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}   # our stacked Linear -> transformers' pieces
-
-
-def _fused(key):
-    """'layers.3.self_attn.qkv_proj.weight' -> ('layers.3.', ('self_attn.q_proj', ...), 'weight'); else None."""
-    for ours, parts in FUSED.items():
-        head, sep, kind = key.partition("." + ours + ".")
-        if sep:
-            return head + ".", parts, kind
-    return None
-
-
-def _fused_sizes(cfg: ModelConfig, parts) -> list:
-    """Output rows of each piece of a stacked Linear."""
-    if parts == FUSED["self_attn.qkv_proj"]:
-        return [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2
-    return [cfg.intermediate_size] * 2
-
-
-def to_hf_state_dict(model: Transformer) -> dict:
-    """Our parameters under transformers' names (GPT-2: Conv1D layout, fused c_attn)."""
-    cfg, sd = model.config, model.state_dict()
-    out = {}
-    if cfg.model_type == "gpt2":
-        p = "transformer."
-        out[p + "wte.weight"] = sd["embed_tokens.weight"]
-        out[p + "wpe.weight"] = sd["embed_positions.weight"]
-        for i in range(cfg.num_hidden_layers):
-            s, h = f"layers.{i}.", f"{p}h.{i}."
-            for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
-                out[h + theirs + ".weight"] = sd[s + ours + ".weight"]
-                out[h + theirs + ".bias"] = sd[s + ours + ".bias"]
-            a = s + "self_attn."
-            out[h + "attn.c_attn.weight"] = sd[a + "qkv_proj.weight"].t()
-            out[h + "attn.c_attn.bias"] = sd[a + "qkv_proj.bias"]
-            out[h + "attn.c_proj.weight"] = sd[a + "o_proj.weight"].t()
-            out[h + "attn.c_proj.bias"] = sd[a + "o_proj.bias"]
-            out[h + "mlp.c_fc.weight"] = sd[s + "mlp.up_proj.weight"].t()
-            out[h + "mlp.c_fc.bias"] = sd[s + "mlp.up_proj.bias"]
-            out[h + "mlp.c_proj.weight"] = sd[s + "mlp.down_proj.weight"].t()
-            out[h + "mlp.c_proj.bias"] = sd[s + "mlp.down_proj.bias"]
-        out[p + "ln_f.weight"], out[p + "ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
-    else:
-        for k, v in sd.items():
-            if k in ("lm_head.weight", "score.weight"):
-                out[k] = v
-            elif fused := _fused(k):
-                prefix, parts, kind = fused
-                for name, piece in zip(parts, v.split(_fused_sizes(cfg, parts))):
-                    out[f"model.{prefix}{name}.{kind}"] = piece
-            else:
-                out["model." + k] = v
-    if cfg.is_reward_model:
-        out["score.weight"] = sd["score.weight"]
-    return {k: v.detach().contiguous() for k, v in out.items()}
-
-
-def from_hf_state_dict(cfg: ModelConfig, get, keys: set, source: str) -> dict:
-    """Our state dict from a checkpoint: `get(name)` returns the tensor, `keys` the names present.
-    Extra tensors (GPT-2's attn.bias buffers, a tied lm_head.weight) are ignored; a missing one raises."""
-    def need(name):
-        if name not in keys:
-            raise KeyError(f"{source}: missing tensor {name!r}")
-        return get(name)
-
-    sd = {}
-    if cfg.model_type == "gpt2":
-        p = "transformer." if any(k.startswith("transformer.") for k in keys) else ""
-        d = cfg.hidden_size
-        sd["embed_tokens.weight"] = need(p + "wte.weight")
-        sd["embed_positions.weight"] = need(p + "wpe.weight")
-        for i in range(cfg.num_hidden_layers):
-            s, h = f"layers.{i}.", f"{p}h.{i}."
-            for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
-                sd[s + ours + ".weight"] = need(h + theirs + ".weight")
-                sd[s + ours + ".bias"] = need(h + theirs + ".bias")
-            w, b = need(h + "attn.c_attn.weight"), need(h + "attn.c_attn.bias")
-            if w.shape != (d, 3 * d):
-                raise ValueError(f"{source}: tensor {h}attn.c_attn.weight has shape {tuple(w.shape)}, "
-                                 f"expected {(d, 3 * d)}")
-            sd[s + "self_attn.qkv_proj.weight"], sd[s + "self_attn.qkv_proj.bias"] = w.t(), b
-            sd[s + "self_attn.o_proj.weight"] = need(h + "attn.c_proj.weight").t()
-            sd[s + "self_attn.o_proj.bias"] = need(h + "attn.c_proj.bias")
-            sd[s + "mlp.up_proj.weight"] = need(h + "mlp.c_fc.weight").t()
-            sd[s + "mlp.up_proj.bias"] = need(h + "mlp.c_fc.bias")
-            sd[s + "mlp.down_proj.weight"] = need(h + "mlp.c_proj.weight").t()
-            sd[s + "mlp.down_proj.bias"] = need(h + "mlp.c_proj.bias")
-        sd["norm.weight"], sd["norm.bias"] = need(p + "ln_f.weight"), need(p + "ln_f.bias")
-    else:  # llama family: our names are transformers' minus the "model." prefix
-        p = "model." if any(k.startswith("model.") for k in keys) else ""
-        with _meta_model():
-            names = Transformer(cfg).state_dict().keys()
-        for k in names:
-            if k in ("lm_head.weight", "score.weight"):
-                continue
-            if fused := _fused(k):  # stacked from transformers' separate q/k/v (gate/up) tensors, each shape-checked
-                prefix, parts, kind = fused
-                pieces = []
-                for name, size in zip(parts, _fused_sizes(cfg, parts)):
-                    t = need(f"{p}{prefix}{name}.{kind}")
-                    want = (size, cfg.hidden_size) if kind == "weight" else (size,)
-                    if tuple(t.shape) != want:
-                        raise ValueError(f"{source}: tensor {p}{prefix}{name}.{kind} has shape {tuple(t.shape)}, "
-                                         f"expected {want}")
-                    pieces.append(t)
-                sd[k] = torch.cat(pieces)
-            else:
-                sd[k] = need(p + k)
-        if not cfg.tie_word_embeddings and not cfg.is_reward_model:
-            sd["lm_head.weight"] = need("lm_head.weight")
-    if cfg.is_reward_model:
-        sd["score.weight"] = need("score.weight")
-    return sd
 
 
 # ---- loading / saving -------------------------------------------------------------------------------
 
 def read_config(path) -> ModelConfig:
     cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
+    d = read_json(cfg_path)
+    if d is None:
         raise FileNotFoundError(f"{cfg_path}: not found (expected a Hugging Face model folder)")
-    try:
-        with open(cfg_path) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     return ModelConfig.from_hf(d, cfg_path)
 
 
@@ -612,8 +487,7 @@ def _weight_files(path):
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
             raise FileNotFoundError(f"{index}: shard {missing[0]} not found")
@@ -625,7 +499,7 @@ def _weight_files(path):
 @contextlib.contextmanager
 def _meta_model():
     """Build a Transformer on the meta device with its initializers as no-ops: it only receives checkpoint weights,
-    and initializing meta tensors costs ~1 s per process (torch 2.13 imports torch._dynamo for it)."""
+    and initializing meta tensors is slow (torch imports torch._dynamo for it)."""
     names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
     saved = {n: getattr(nn.init, n) for n in names}
     for n in names:
@@ -672,7 +546,7 @@ def from_pretrained(path, device="cpu", dtype=torch.float32) -> Transformer:
     with _meta_model():
         model = Transformer(cfg)
     expected = model.state_dict()
-    sd = from_hf_state_dict(cfg, get, set(where), path)
+    sd = from_hf_state_dict(cfg, get, set(where), expected.keys(), path)
     for k, v in expected.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise ValueError(f"{path}: tensor for {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
@@ -686,83 +560,13 @@ def from_pretrained(path, device="cpu", dtype=torch.float32) -> Transformer:
 
 
 def save_pretrained(model: Transformer, path):
-    """config.json + model.safetensors in HF layout; written to a temporary folder and renamed into place."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp_save_", dir=parent)
-    try:
+    """config.json + model.safetensors in HF layout, written whole (common.files.atomic_dir); other files already in
+    `path` (tokenizer.json, …) are kept."""
+    def write(tmp):
         state = {k: v.to("cpu") for k, v in to_hf_state_dict(model).items()}
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         cfg = model.config.to_hf()
         cfg["torch_dtype"] = str(model.embed_tokens.weight.dtype).replace("torch.", "")
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
-        if os.path.isdir(path):  # keep files we do not own (tokenizer.json, …): move ours over
-            for name in os.listdir(tmp):
-                os.replace(os.path.join(tmp, name), os.path.join(path, name))
-            os.rmdir(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# ---- tokenizer and special ids ----------------------------------------------------------------------
-
-def load_tokenizer(path):
-    """tokenizers.Tokenizer from `path`/tokenizer.json (no transformers needed)."""
-    from tokenizers import Tokenizer
-    f = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(f):
-        raise FileNotFoundError(f"{f}: not found")
-    return Tokenizer.from_file(f)
-
-
-def special_token_ids(path) -> dict:
-    """eos_id / pad_id / bos_id from config.json, then generation_config.json, then tokenizer_config.json
-    (token strings resolved through tokenizer.json). eos_id is config.json's (the first when it gives a list);
-    eos_ids is every EOS id that config.json and generation_config.json list (instruct checkpoints often list their
-    end-of-turn token in one of them only), eos_id first. pad_id falls back to eos_id."""
-    def read(name):
-        f = os.path.join(path, name)
-        if os.path.isfile(f):
-            try:
-                with open(f) as fh:
-                    return json.load(fh)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}: not valid JSON ({e})") from None
-        return {}
-
-    ids = {"eos_id": None, "pad_id": None, "bos_id": None, "eos_ids": []}
-    tok_cfg = read("tokenizer_config.json")
-    tok = None
-    if os.path.isfile(os.path.join(path, "tokenizer.json")):
-        tok = load_tokenizer(path)
-
-    def token_id(t):
-        if isinstance(t, dict):
-            t = t.get("content")
-        return tok.token_to_id(t) if (tok is not None and isinstance(t, str)) else None
-
-    for src in (read("config.json"), read("generation_config.json")):
-        for key, name in (("eos_token_id", "eos_id"), ("pad_token_id", "pad_id"), ("bos_token_id", "bos_id")):
-            v = src.get(key)
-            if v is None:
-                continue
-            if key == "eos_token_id":
-                listed = list(v) if isinstance(v, list) else [v]
-                ids["eos_ids"] += [e for e in listed if e not in ids["eos_ids"]]
-                v = listed[0] if listed else None
-            if ids[name] is None:
-                ids[name] = v
-    for key, name in (("eos_token", "eos_id"), ("pad_token", "pad_id"), ("bos_token", "bos_id")):
-        if ids[name] is None and key in tok_cfg:
-            ids[name] = token_id(tok_cfg[key])
-    if not ids["eos_ids"] and ids["eos_id"] is not None:
-        ids["eos_ids"] = [ids["eos_id"]]
-    if ids["pad_id"] is None:
-        ids["pad_id"] = ids["eos_id"]
-    return ids
+    atomic_dir(path, write)

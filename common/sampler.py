@@ -1,44 +1,21 @@
-"""Batched autoregressive sampling with a preallocated KV cache (gpt-fast style), and the geometric-mixture
-sampler of Nash-MD.
+"""Batched autoregressive sampling with a preallocated KV cache (gpt-fast style).
 
-Contract 6 of DESIGN.md:
   ids, mask, logps = generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
                               eos_id=None, generator=None, pad_id=None)
-  ids, mask, logps = generate_mixture(model_a, model_b, c, prompts, max_new_tokens, ...same keywords)
-prompts: list of B non-empty token-id lists (ragged). Returns, on the model's device:
-  ids   (B, N) long     response tokens; pad_id after a row's EOS
-  mask  (B, N) float32  1 for every generated token up to and including the row's first EOS, 0 after
-  logps (B, N) float32  log-prob of each token under the distribution it was actually drawn from (after
-                        temperature / top-k / top-p, renormalized); 0 where mask is 0, and 0 for greedy
-                        decoding (temperature == 0: the point mass on the argmax)
-N = the longest response actually generated (<= max_new_tokens). eos_id: None (never stop), an int or a list.
-generate_mixture draws each token from the token-wise geometric mixture of two models sharing a vocabulary,
-  log pi_mix(y|x) = (1 - c) log pi_a(y|x) + c log pi_b(y|x) - log Z(x)   (Nash-MD's opponent, Munos et al. 2023,
-                                                                          arXiv 2312.00886; ALGORITHMS.md)
-with temperature / top-k / top-p applied to the mixture; one KV cache per model, so each token costs one
-decode step of each model instead of a forward pass of both over the whole prefix.
-
-Details and costs:
-- Prompts are left-padded to L = the longest prompt; position ids are derived once from the attention mask
-  (cumsum - 1), so a row's positions are those it has when run alone (no TRL #6800 left-padding bug). A batch
-  without padding passes no mask at all.
-- Cache: one (B, n_kv, L + max_new_tokens, hs) buffer per layer and k/v, allocated once; prefill costs one
-  forward over (B, L), each new token one forward over (B, 1) attending to the filled prefix; only the last
-  position is projected onto the vocabulary. Decode-step projections of large models take common.model.linear's
-  (W x^T)^T form on CPU; everything runs under torch.inference_mode, outputs are returned as ordinary tensors.
-- The batch is static: a finished row keeps being decoded (its outputs are discarded) rather than being
-  dropped from the cache, which would cost a host sync per token.
-- Draws invert the CDF with one uniform per row from `generator` (which must live on the model's device;
-  None = torch's global generator): no multinomial, no host sync.
-- Early stop when every row has finished: checked every token on CPU (a sync is free there) and every 16
-  tokens on CUDA (one host sync per 16 tokens; at most 15 wasted steps).
-- Works in fp32 on CPU and under torch.autocast("cuda", torch.bfloat16); logits are filtered in float32.
+prompts: B non-empty token-id lists (ragged, left-padded inside). Returns, on the model's device, (B, N) each:
+  ids    long     response tokens; pad_id after a row's EOS
+  mask   float32  1 for every generated token up to and including the row's first EOS, 0 after
+  logps  float32  log-prob of each token under the distribution it was drawn from (after temperature / top-k /
+                  top-p); 0 where mask is 0, and 0 for greedy decoding (temperature == 0)
+N = the longest response generated (<= max_new_tokens). eos_id: None (never stop), an int or a list. Draws come from
+`generator` (on the model's device), without host syncs per token; fp32 on CPU, bf16 autocast on CUDA. Design
+notes: docs/internals.md, "Sampling".
 """
 import functools
 
 import torch
 
-from common.model import linear
+from common.model import linear, pad_rows
 
 CUDA_CHECK_EVERY = 16  # tokens between all-rows-finished checks on CUDA (each one is a host sync)
 
@@ -65,21 +42,11 @@ def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
     return logits.log_softmax(-1)
 
 
-def mixture_logits(logits_a, logits_b, c):
-    """(B, V) x 2 -> (1 - c) z_a + c z_b, (B, V) float32: logits of the geometric mixture. Since
-    log pi = z - logsumexp(z), (1 - c) log pi_a + c log pi_b equals this up to a per-row constant, which the
-    normalization in filter_logits removes; one lerp instead of two log_softmax passes."""
-    return torch.lerp(logits_a.float(), logits_b.float(), c)
-
-
 def sample(logprobs, generator=None):
     """logprobs (B, V) -> token ids (B,) ~ softmax(logprobs), sync-free, by inversion of the CDF: one uniform
     u ~ U[0, 1) per row, and the first token whose cumulative mass exceeds u * (total mass). A removed token (p = 0)
     repeats its predecessor's cumulative mass, so it is never the first to exceed it; u < 1 gives u * total < total
-    in floating point, so some token does. One uniform per row instead of one per token (the exponential race):
-    5.0x cheaper at (B, V) = (8, 50257), 4.4x at (64, 2048) on the dev box. The float32 cumulative sum errs by
-    ~6e-8 of mass over 151936 tokens there (measured against float64), < 0.01 of a uniform token's mass; a float64
-    cumulative sum costs 7x as much at (8, 50257)."""
+    in floating point, so some token does (docs/internals.md, "Sampling")."""
     cdf = logprobs.exp().cumsum(-1)                                               # (B, V) non-decreasing
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
@@ -97,27 +64,25 @@ def decode_one_token(model, tok, attention_mask, position_ids, cache):
     return linear(h[:, -1], model.lm_head_weight)
 
 
-def _setup(models, prompts, max_new_tokens, eos_id, pad_id):
+def _setup(model, prompts, max_new_tokens, eos_id, pad_id):
     """Validate; left-pad. Returns ids (B, L), mask (B, L + N) bool or None when no row is padded,
     positions (B, L + N), eos (E,), pad."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt must be a non-empty list of token ids")
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    L = max(len(p) for p in prompts)
-    for m in models:
-        limit = m.config.max_position_embeddings
-        if L + max_new_tokens > limit:
-            raise ValueError(f"generate: longest prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) = "
-                             f"{L + max_new_tokens} exceeds the model's max_position_embeddings ({limit})")
-    device = models[0].embed_tokens.weight.device
+    L, limit = max(len(p) for p in prompts), model.config.max_position_embeddings
+    if L + max_new_tokens > limit:
+        raise ValueError(f"generate: longest prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) = "
+                         f"{L + max_new_tokens} exceeds the model's max_position_embeddings ({limit})")
+    device = model.embed_tokens.weight.device
     B, N = len(prompts), max_new_tokens
-    ids = torch.tensor([[0] * (L - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    ids, prompt_mask = (t.to(device) for t in pad_rows(prompts, 0))
     if all(len(p) == L for p in prompts):   # no padding: no mask at all (causal prefill kernel, unmasked steps)
         mask, positions = None, torch.arange(L + N, device=device).expand(B, L + N)
     else:
         mask = torch.ones(B, L + N, dtype=torch.bool, device=device)              # generated slots: all ones
-        mask[:, :L] = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompts], device=device)
+        mask[:, :L] = prompt_mask.bool()
         positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)                    # (B, L + N)
     eos = [] if eos_id is None else [int(e) for e in eos_id] if isinstance(eos_id, (list, tuple)) else [int(eos_id)]
     eos = torch.tensor(eos, dtype=torch.long, device=device)                      # (E,)
@@ -126,8 +91,8 @@ def _setup(models, prompts, max_new_tokens, eos_id, pad_id):
     return ids, mask, positions, eos, pad_id
 
 
-def _decode(step, first_logits, L, max_new_tokens, mask, positions, eos, pad_id, sampling, generator):
-    """The shared loop. step(tok (B, 1), mask (B, S) or None, pos (B, 1)) -> next logits (B, V)."""
+def _decode(model, cache, first_logits, L, max_new_tokens, mask, positions, eos, pad_id, sampling, generator):
+    """The token loop after prefill: draw, record, stop when every row has finished, else one decode step."""
     B, device = first_logits.shape[0], first_logits.device
     out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_mask = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
@@ -148,7 +113,8 @@ def _decode(step, first_logits, L, max_new_tokens, mask, positions, eos, pad_id,
         if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
             break
         S = L + t + 1
-        logits = step(out_ids[:, t:t + 1], None if mask is None else mask[:, :S], positions[:, S - 1:S])
+        logits = decode_one_token(model, out_ids[:, t:t + 1], None if mask is None else mask[:, :S],
+                                  positions[:, S - 1:S], cache)
     n = int(out_mask.sum(1).max())                                                # longest response (one sync)
     return out_ids[:, :n], out_mask[:, :n], out_logps[:, :n]
 
@@ -161,8 +127,8 @@ def _sampling_args(temperature, top_k, top_p):
 
 
 def _inference(fn):
-    """Run fn under torch.inference_mode (no autograd bookkeeping at all: ~3% faster than no_grad for the 1M model
-    at B = 64 on the dev box) and return clones, ordinary tensors that autograd may use later (e.g. as a batch)."""
+    """Run fn under torch.inference_mode (no autograd bookkeeping at all) and return clones, ordinary tensors that
+    autograd may use later (e.g. as a batch)."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with torch.inference_mode():
@@ -176,33 +142,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
              generator=None, pad_id=None):
     """Sample responses to `prompts` from `model`; see the module docstring for the contract."""
     sampling = _sampling_args(temperature, top_k, top_p)
-    ids, mask, positions, eos, pad_id = _setup([model], prompts, max_new_tokens, eos_id, pad_id)
+    ids, mask, positions, eos, pad_id = _setup(model, prompts, max_new_tokens, eos_id, pad_id)
     B, L = ids.shape
     cache = model.new_cache(B, L + max_new_tokens)
     first = prefill(model, ids, None if mask is None else mask[:, :L], positions[:, :L], cache)
-
-    def step(tok, m, pos):
-        return decode_one_token(model, tok, m, pos, cache)
-    return _decode(step, first, L, max_new_tokens, mask, positions, eos, pad_id, sampling, generator)
-
-
-@_inference
-def generate_mixture(model_a, model_b, c, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                     eos_id=None, generator=None, pad_id=None):
-    """Sample from the geometric mixture pi_a^(1-c) pi_b^c (normalized) with one KV cache per model."""
-    if not 0 <= c <= 1:
-        raise ValueError(f"generate_mixture: the mixture coefficient c must be in [0, 1], got {c}")
-    if model_a.config.vocab_size != model_b.config.vocab_size:
-        raise ValueError(f"generate_mixture: vocabularies differ ({model_a.config.vocab_size} vs "
-                         f"{model_b.config.vocab_size})")
-    sampling = _sampling_args(temperature, top_k, top_p)
-    ids, mask, positions, eos, pad_id = _setup([model_a, model_b], prompts, max_new_tokens, eos_id, pad_id)
-    B, L = ids.shape
-    cache_a, cache_b = model_a.new_cache(B, L + max_new_tokens), model_b.new_cache(B, L + max_new_tokens)
-    m, pos = None if mask is None else mask[:, :L], positions[:, :L]
-    first = mixture_logits(prefill(model_a, ids, m, pos, cache_a), prefill(model_b, ids, m, pos, cache_b), c)
-
-    def step(tok, m, pos):
-        return mixture_logits(decode_one_token(model_a, tok, m, pos, cache_a),
-                              decode_one_token(model_b, tok, m, pos, cache_b), c)
-    return _decode(step, first, L, max_new_tokens, mask, positions, eos, pad_id, sampling, generator)
+    return _decode(model, cache, first, L, max_new_tokens, mask, positions, eos, pad_id, sampling, generator)

@@ -10,7 +10,7 @@ the rounding of the code it trains with changes the SFT model, and tests/test_ma
 games, the tokenizer and the first 20 SFT steps against data/arena_sft_trace.json (written by the same command),
 fails until the arena is regenerated. Steps:
 
-1. Games (contract 2 of DESIGN.md), arena v2: preferences share structure across the prompts of a family, so a
+1. Games (the games file format of docs/arena.md), arena v2: preferences share structure across the prompts of a family, so a
    policy can win held-out prompts by generalizing. 4 families x 24 hand-written prompts; each family has its own
    topic domain (bt: food and cooking, cyclic: games and competitions, random: home and daily life, mixed: travel
    and nature) and three styles, surface forms shared by all its prompts ("{c}", "i recommend {c}", "{c} is the
@@ -29,7 +29,7 @@ fails until the arena is regenerated. Steps:
    Dirichlet jitter, q_c ~ Dirichlet(3); total 0.98. The other 0.02 goes to three invalid answers (a truncated
    candidate, two contents joined with "and", another prompt's content in a family style), weights Dirichlet(1).
 3. Tokenizer: byte-level BPE trained with `tokenizers` on the arena text, vocabulary 768, special tokens
-   <|endoftext|> (EOS) and <|pad|>. An LM sees encode(prompt) + encode(answer) + [EOS] (contract 2).
+   <|endoftext|> (EOS) and <|pad|>. An LM sees encode(prompt) + encode(answer) + [EOS] (docs/arena.md).
 4. SFT: a Llama-architecture model (RoPE, RMSNorm, SwiGLU, GQA; ≈0.89M parameters, tied embeddings) built with
    common/model.py, trained by AdamW on the expected cross-entropy Σ_y q(y|x) · (−log π(y|x)) of the answer
    tokens + EOS (the loss of i.i.d. samples from q, without the sampling noise), 8 prompts per step, 800 steps,
@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.arena import games_from_dict, games_to_dict  # noqa: E402
+from common.arena import games_from_dict  # noqa: E402
 from common.losses import sequence_logprobs  # noqa: E402
 from common.model import ModelConfig, Transformer  # noqa: E402
 
@@ -254,7 +254,7 @@ def _finish(P):
 
 
 def make_games(rng):
-    """The 96 games (contract 2) and, per family, the style model they share (returned for the SFT target)."""
+    """The 96 games (docs/arena.md's format) and, per family, the style model they share (returned for the SFT target)."""
     games, models = [], {}
     for family, spec in FAMILIES.items():
         items = spec["prompts"]
@@ -541,6 +541,13 @@ def check(args):
         return 1
     print(f"{out}: every file regenerated bitwise identical ({', '.join(names)})")
     return 0
+
+
+def games_to_dict(games) -> dict:
+    """A common.arena.Games as the games file's JSON object."""
+    return {"beta": games.beta, "games": [
+        {"id": g.id, "prompt": g.prompt, "candidates": list(g.candidates), "P": g.P.tolist(),
+         "ref": g.ref.tolist(), "family": g.family, "split": g.split} for g in games]}
 
 
 def _dump_games(obj, f):

@@ -1,4 +1,4 @@
-"""Shared helpers of the algorithm tests: random games files (the EGPO tabular test-bed of ALGORITHMS.md §0)."""
+"""Shared helpers of the algorithm tests: random games files (the EGPO tabular test-bed of docs/algorithms.md §0)."""
 import json
 import os
 import subprocess
@@ -35,7 +35,7 @@ def bt_P(r):
 
 
 def write_games(path, Ps, beta=0.1, refs=None, family="random", split="train"):
-    """A games file (contract 2) with one game per matrix; candidates are "a0", "a1", …"""
+    """A games file (docs/arena.md) with one game per matrix; candidates are "a0", "a1", …"""
     games = []
     for k, P in enumerate(Ps):
         n = len(P)
@@ -87,8 +87,8 @@ def read_policy(run_dir):
 
 
 def check_lm_runs(tmp_path, script, *argv):
-    """Run `script` twice on the arena LM with the same seed: both finish, write contract 3's files and
-    contract 4's metrics, train (the weights change) and agree bit for bit. Returns (metrics rows, stdout)."""
+    """Run `script` twice on the arena LM with the same seed: both finish, write the run folder's files and
+    the exact metrics, train (the weights change) and agree bit for bit. Returns (metrics rows, stdout)."""
     outs, r = [], None
     for name in ("a", "b"):
         d = str(tmp_path / name)
@@ -111,7 +111,7 @@ def check_lm_runs(tmp_path, script, *argv):
 
 @pytest.fixture
 def real_world(tmp_path):
-    """World 3 of DESIGN.md on CPU: a tiny random HF-layout Qwen2 policy folder, a Qwen2ForSequenceClassification
+    """The real-checkpoint world on CPU: a tiny random HF-layout Qwen2 policy folder, a Qwen2ForSequenceClassification
     reward-model folder (built by transformers) and a prompts file. Returns the flags that select it."""
     import shutil
 

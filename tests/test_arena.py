@@ -1,5 +1,6 @@
 """The arena's exact metrics: the regularized-equilibrium solver, the duality gap, games-file validation, and
 the SFT metrics table reported in docs/arena.md."""
+import importlib.util
 import io
 import json
 import os
@@ -30,7 +31,7 @@ def random_simplex(n, rng, alpha=1.0):
 
 
 def J(P, ref, p1, p2, beta):
-    """J(π₁, π₂) = π₁ᵀ P π₂ − β KL(π₁‖π_ref) + β KL(π₂‖π_ref), ALGORITHMS.md §0 (rows broadcast)."""
+    """J(π₁, π₂) = π₁ᵀ P π₂ − β KL(π₁‖π_ref) + β KL(π₂‖π_ref), docs/algorithms.md §0 (rows broadcast)."""
     def kl_rows(p):
         return np.sum(np.where(p > 0, p * (np.log(np.maximum(p, 1e-300)) - np.log(ref)), 0.0), axis=-1)
     return np.einsum("...i,ij,...j->...", p1, P, p2) - beta * kl_rows(p1) + beta * kl_rows(p2)
@@ -69,7 +70,7 @@ def test_solver_symmetric_rps_uniform_ref_gives_uniform():
 
 
 def test_bradley_terry_equilibrium_is_not_the_rlhf_optimum():
-    """ALGORITHMS.md §0: under BT the RLHF optimum π_ref e^{r/β} is in general not π* — the solver must see it."""
+    """docs/algorithms.md §0: under BT the RLHF optimum π_ref e^{r/β} is in general not π* — the solver must see it."""
     r = np.array([0.0, 1.0, 3.0])
     P = 1 / (1 + np.exp(-(r[:, None] - r[None, :])))
     ref, beta = np.ones(3) / 3, 0.5
@@ -257,19 +258,22 @@ def _readme_table():
 def test_readme_reports_the_committed_sft_metrics():
     """docs/arena.md's SFT table equals freshly computed metrics of the committed checkpoint (printed with 4
     decimals: a fresh value may differ from the printed one by half a unit in the last place + float noise), and
-    `python -m common.arena --split test` prints the same test rows."""
+    `python bench/arena_eval.py --split test` prints the same test rows."""
     rows = _readme_table()
     assert len(rows) == 1 + 2 + 8, sorted(rows)
-    from common.policy import LMPolicy
+    from common.lm_policy import LMPolicy
     sft = LMPolicy.load(arena.ARENA_DIR)
     fresh = evaluate(sft, load_games(), sft)
     for key, vals in rows.items():
         name = "" if key == "all" else "/" + key
         for m_name, v in zip(arena.METRICS, vals):
             assert abs(fresh[f"eval/{m_name}{name}"] - v) <= 0.5e-4 + 1e-7, (key, m_name)
+    spec = importlib.util.spec_from_file_location("arena_eval", os.path.join(ROOT, "bench", "arena_eval.py"))
+    arena_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(arena_eval)
     buf = io.StringIO()
     with redirect_stdout(buf):
-        assert arena.main(["--split", "test"]) == 0
+        assert arena_eval.main(["--split", "test"]) == 0
     printed = {}
     for line in buf.getvalue().splitlines():
         m = re.match(r"\|\s*(\S+)\s*\|\s*(\d+)\s*\|(.*)\|\s*$", line)

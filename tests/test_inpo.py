@@ -282,7 +282,7 @@ def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case):
 
 
 def test_real_checkpoint_world_with_reward_model_judge(tmp_path, real_world):
-    """World 3 of DESIGN.md on CPU: a (tiny, random) HF-layout policy folder, a *ForSequenceClassification reward
+    """The real-checkpoint world on CPU: a (tiny, random) HF-layout policy folder, a *ForSequenceClassification reward
     model as the judge and a prompts file; no games file, so evaluation is the judge's sampled win rate vs π_ref."""
     run_dir = tmp_path / "run"
     r = run_script("inpo.py", *real_world, "--iterations", "1", "--samples-per-prompt", "3", "--run-dir", str(run_dir))

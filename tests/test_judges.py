@@ -16,7 +16,7 @@ import torch
 from common.arena import ARENA_DIR, load_games, solve_nash
 from common.chat import Conversation, conversation
 from common.judges import (PLAIN_CONTEXT_TEMPLATE, ArenaJudge, CategoryGame, JudgeError, PairJudge, PyJudge,
-                           RewardModelJudge, TabularJudge, make_judge)
+                           RewardModelJudge, make_judge)
 from common.policy import Samples
 
 
@@ -68,23 +68,6 @@ def test_labels_are_bernoulli_with_explicit_generator(games):
     assert not torch.equal(lab, judge.label(*args, generator=torch.Generator().manual_seed(1)))
     inv = judge.label([g.prompt] * 10, ["xx"] * 10, [g.candidates[0]] * 10, torch.Generator().manual_seed(0))
     assert not inv.any()
-
-
-def test_tabular_judge_matches_arena_judge(games):
-    arena_judge, tab = ArenaJudge(games), TabularJudge(games)
-    rng = np.random.default_rng(0)
-    ids, prompts, a, b, ta, tb = [], [], [], [], [], []
-    for _ in range(500):
-        g = games[int(rng.integers(len(games)))]
-        i, j = (int(x) for x in rng.integers(-1, g.n, size=2))
-        ids.append(g.id)
-        prompts.append(g.prompt)
-        ta.append(i)
-        tb.append(j)
-        a.append(g.candidates[i] if i >= 0 else "<garbage>")
-        b.append(g.candidates[j] if j >= 0 else "<garbage>")
-    p = tab.prob(ids, torch.tensor(ta), torch.tensor(tb))
-    assert torch.equal(p, arena_judge.prob(prompts, a, b))
 
 
 def test_make_judge(games, tmp_path):

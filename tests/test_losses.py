@@ -1,19 +1,21 @@
 """Tests of common/losses.py against the naive full-logits computation (CPU, fast)."""
 
-import weakref
+import os
+import sys
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from common import losses
 from common.losses import sequence_logprobs, token_logprobs
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from bench_logprobs import LiveBytes  # noqa: E402  (the benchmark's tracker, tested here)
 
-def naive_logprobs(hidden, weight, targets, temperature=1.0):
-    logits = hidden @ weight.T / temperature  # (N, V)
+
+def naive_logprobs(hidden, weight, targets):
+    logits = hidden @ weight.T  # (N, V)
     return torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
 
 
@@ -34,18 +36,18 @@ def value_and_grads(fn, h, w, t, g, *args, **kwargs):
 
 # --- token_logprobs ---
 
-@pytest.mark.parametrize("N, d, V, temperature, chunk_rows, chunk_cols", [
-    (1, 8, 11, 1.0, None, None),  # one tile
-    (37, 16, 100, 1.0, 5, None),  # row chunks only, N not divisible by 5
-    (37, 16, 100, 1.0, None, 7),  # vocab blocks only, V not divisible by 7
-    (64, 32, 1000, 0.7, 16, 128),  # 4 x 8 tiles, temperature < 1
-    (100, 8, 257, 1.3, 30, 64),  # ragged tiles in both directions (4 x 5), temperature > 1
-    (300, 16, 3000, 1.0, None, None),  # default tiling
+@pytest.mark.parametrize("N, d, V, chunk_rows, chunk_cols", [
+    (1, 8, 11, None, None),  # one tile
+    (37, 16, 100, 5, None),  # row chunks only, N not divisible by 5
+    (37, 16, 100, None, 7),  # vocab blocks only, V not divisible by 7
+    (64, 32, 1000, 16, 128),  # 4 x 8 tiles
+    (100, 8, 257, 30, 64),  # ragged tiles in both directions (4 x 5)
+    (300, 16, 3000, None, None),  # default tiling
 ])
-def test_token_logprobs_matches_naive(N, d, V, temperature, chunk_rows, chunk_cols):
+def test_token_logprobs_matches_naive(N, d, V, chunk_rows, chunk_cols):
     h, w, t, g = make(N, d, V)
-    ours = value_and_grads(token_logprobs, h, w, t, g, temperature, chunk_rows=chunk_rows, chunk_cols=chunk_cols)
-    ref = value_and_grads(naive_logprobs, h, w, t, g, temperature)
+    ours = value_and_grads(token_logprobs, h, w, t, g, chunk_rows=chunk_rows, chunk_cols=chunk_cols)
+    ref = value_and_grads(naive_logprobs, h, w, t, g)
     assert ours[0].dtype == torch.float32 and ours[0].shape == (N,)
     for name, a, b in zip(("logp", "grad_hidden", "grad_weight"), ours, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
@@ -70,8 +72,8 @@ def test_token_logprobs_empty():
 
 def test_token_logprobs_gradcheck_float64():
     h, w, t, _ = make(7, 3, 5, dtype=torch.float64)
-    assert token_logprobs(h, w, t, 0.8, chunk_rows=3).dtype == torch.float64
-    assert torch.autograd.gradcheck(lambda h, w: token_logprobs(h, w, t, 0.8, chunk_rows=3, chunk_cols=2), (h, w))
+    assert token_logprobs(h, w, t, chunk_rows=3).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda h, w: token_logprobs(h, w, t, chunk_rows=3, chunk_cols=2), (h, w))
 
 
 def test_token_logprobs_one_input_needs_grad():
@@ -123,31 +125,7 @@ def test_token_logprobs_bad_input(h_shape, w_shape, t_shape, t_dtype):
         token_logprobs(torch.randn(h_shape), torch.randn(w_shape), torch.zeros(t_shape, dtype=t_dtype))
 
 
-# --- memory: live tensor bytes counted at the dispatcher ---
-
-class LiveBytes(TorchDispatchMode):
-    """Adds each newly allocated output storage's bytes; subtracts them when the storage is freed."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-
-    def _free(self, nbytes):
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {x.untyped_storage().data_ptr() for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)}
-        for x in tree_leaves(out):
-            if isinstance(x, torch.Tensor):
-                st = x.untyped_storage()  # views and in-place results share an input's storage: skipped
-                if st.nbytes() and st.data_ptr() not in inputs and not hasattr(st, "_counted"):
-                    st._counted = True
-                    self.live += st.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(st, self._free, st.nbytes())
-        return out
-
+# --- memory: live tensor bytes counted at the dispatcher (bench/bench_logprobs.py's LiveBytes) ---
 
 def test_live_bytes_tracker_counts_and_releases():
     with LiveBytes() as m:
@@ -216,19 +194,18 @@ def ragged_batch(V=50, pad=0, seed=1):
     return ids, attn, resp
 
 
-def naive_sequence_logprobs(model, ids, attn, resp, temperature=1.0):
-    logits = model.hidden_states(ids, attn) @ model.lm_head_weight.T / temperature  # (B, T, V)
+def naive_sequence_logprobs(model, ids, attn, resp):
+    logits = model.hidden_states(ids, attn) @ model.lm_head_weight.T  # (B, T, V)
     logp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).squeeze(2)  # (B, T-1)
     logp = nn.functional.pad(logp * resp[:, 1:], (1, 0))  # (B, T)
     return logp, logp.sum(1)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_sequence_logprobs_matches_naive(temperature):
+def test_sequence_logprobs_matches_naive():
     model = TinyLM()
     ids, attn, resp = ragged_batch()
-    tok, summed = sequence_logprobs(model, ids, attn, resp, temperature)
-    tok_ref, summed_ref = naive_sequence_logprobs(model, ids, attn, resp, temperature)
+    tok, summed = sequence_logprobs(model, ids, attn, resp)
+    tok_ref, summed_ref = naive_sequence_logprobs(model, ids, attn, resp)
     assert tok.dtype == torch.float32 and tok.shape == ids.shape and summed.shape == (3,)
     torch.testing.assert_close(tok, tok_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(summed, summed_ref, atol=1e-5, rtol=1e-5)

@@ -16,13 +16,15 @@ import nash_dpo
 import nash_mp
 import tanpo
 from common.arena import ARENA_DIR, load_games
-from common.policy import LMPolicy, backward_in_micro_batches
+from common.lm_policy import LMPolicy
+from common.policy import backward_in_micro_batches
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}   # relative to max(1, max |g|)
 
 
 def tiny_random_policy():
-    from common.model import ModelConfig, Transformer, load_tokenizer
+    from common.chat import load_tokenizer
+    from common.model import ModelConfig, Transformer
     cfg = ModelConfig(model_type="llama", vocab_size=768, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
                       tie_word_embeddings=True, eos_token_id=0, pad_token_id=1)

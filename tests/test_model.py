@@ -11,7 +11,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from common.model import ModelConfig, Transformer, from_pretrained, special_token_ids  # noqa: E402
+from common.chat import special_token_ids  # noqa: E402
+from common.model import ModelConfig, Transformer, from_pretrained  # noqa: E402
 
 V = 97
 SMALL = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from common.arena import ARENA_DIR, evaluate, load_games
-from common.policy import LMPolicy, Samples, TabularPolicy, encode_prompt, encode_response
+from common.chat import encode_prompt, encode_response
+from common.lm_policy import LMPolicy
+from common.policy import Samples, TabularPolicy
 
 
 @pytest.fixture(scope="module")

@@ -46,8 +46,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from common.chat import ChatTemplate, conversation, read_prompts
-from common.policy import LMPolicy, encode_prompt
-from common.run import EVAL_SEED, REF_EVAL_SEED, cli
+from common.chat import encode_prompt
+from common.cli import cli
+from common.lm_policy import LMPolicy
+from common.world import EVAL_SEED, REF_EVAL_SEED
 from conftest import ROOT, read_metrics, run_script
 
 transformers = pytest.importorskip("transformers")

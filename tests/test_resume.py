@@ -1,7 +1,7 @@
-"""Checkpoints and --resume, end to end, with real signals (DESIGN.md: "A run is resumable: after every iteration its
-folder holds a complete checkpoint; --resume RUN_DIR continues with the run's args.json and ends bitwise equal (CPU)
-to a run never stopped. SIGINT/SIGTERM leave the last complete iteration. A NaN stops the run with one line; a NaN
-policy is never saved as the result.")
+"""Checkpoints and --resume, end to end, with real signals (the promise: after every iteration a run's folder holds a
+complete checkpoint; --resume RUN_DIR continues with the run's args.json and ends bitwise equal (CPU) to a run never
+stopped. SIGINT/SIGTERM leave the last complete iteration. A NaN stops the run with one line; a NaN policy is never
+saved as the result.)
 
 Every script (inpo, nash_mp, nash_dpo, tanpo, tanpo --single-agent) on both worlds (a tabular games file, the arena
 LM): a run stopped by SIGTERM or SIGINT after a complete iteration, then resumed, ends with the same bytes as the

@@ -1,5 +1,5 @@
-"""common/sampler.py against naive references: transformers' greedy generate, no-cache recomputation, the
-hand-computed geometric mixture, and sampled frequencies vs the softmax. Tiny random models, CPU, fp32."""
+"""common/sampler.py against naive references: transformers' greedy generate, no-cache recomputation and sampled
+frequencies vs the softmax. Tiny random models, CPU, fp32."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import common.model
 from common.model import ModelConfig, Transformer, from_pretrained, linear
-from common.sampler import filter_logits, generate, generate_mixture, mixture_logits, prefill, sample
+from common.sampler import filter_logits, generate, sample
 
 PROMPTS = [[5, 9, 2, 7, 1, 3], [4], [8, 8, 6, 11], [3, 1, 4, 1, 5, 9, 2, 6, 5]]  # ragged
 
@@ -239,37 +239,3 @@ def test_bad_prompts_raise():
     with pytest.raises(ValueError, match="non-empty"):
         generate(model, [[1, 2], []], 5)
     generate(model, [[1] * 59], 5)   # exactly at the limit is fine
-
-
-# ---- the geometric mixture ----------------------------------------------------------------------------
-
-def test_mixture_distribution_equals_normalized_geometric_mixture():
-    model_a, model_b, c = tiny(seed=0), tiny(seed=1), 0.3
-    prompt = [5, 9, 2, 7]
-    with torch.no_grad():
-        la = model_a(torch.tensor([prompt]))[0, -1].log_softmax(-1).double()
-        lb = model_b(torch.tensor([prompt]))[0, -1].log_softmax(-1).double()
-        by_hand = ((1 - c) * la + c * lb).log_softmax(-1)   # log of pi_a^(1-c) pi_b^c / Z
-        ids = torch.tensor([prompt])
-        mask, pos = torch.ones_like(ids, dtype=torch.bool), torch.arange(4)[None]
-        logits = [prefill(m, ids, mask, pos, m.new_cache(1, 8)) for m in (model_a, model_b)]
-        internal = filter_logits(mixture_logits(*logits, c))[0]   # what generate_mixture samples from
-    torch.testing.assert_close(internal.double(), by_hand, atol=1e-5, rtol=0)
-    # returned log-probs of sampled tokens at every step: no-cache hand mixture over the growing prefix
-    ids, mask, logps = generate_mixture(model_a, model_b, c, PROMPTS, 8, generator=gen(2))
-    with torch.no_grad():
-        for b, p in enumerate(PROMPTS):
-            seq = torch.tensor([p + ids[b].tolist()])
-            mix = ((1 - c) * model_a(seq)[0].log_softmax(-1) + c * model_b(seq)[0].log_softmax(-1)).log_softmax(-1)
-            ref = mix[len(p) - 1:-1].gather(-1, ids[b, :, None])[:, 0]
-            torch.testing.assert_close(logps[b], ref, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("c", [0.0, 1.0])
-def test_mixture_endpoints_equal_single_model(c):
-    model_a, model_b = tiny(seed=0), tiny(seed=1)
-    kw = dict(temperature=0.9, top_k=20, top_p=0.95)
-    mix = generate_mixture(model_a, model_b, c, PROMPTS, 12, generator=gen(4), **kw)
-    single = generate(model_b if c == 1 else model_a, PROMPTS, 12, generator=gen(4), **kw)
-    assert torch.equal(mix[0], single[0]) and torch.equal(mix[1], single[1])
-    torch.testing.assert_close(mix[2], single[2], atol=1e-5, rtol=0)
