@@ -65,7 +65,7 @@ from typing import Literal
 import torch
 
 from common.cli import BETA, cli, flag
-from common.policy import backward_in_micro_batches, batched_logprobs, unique_responses
+from common.policy import backward_in_micro_batches, batched_logprobs, copy_parameters, unique_responses
 from common.run import RunDir
 from common.world import WorldArgs, setup_world
 
@@ -260,7 +260,7 @@ def exact_iteration(policy, pi_k, ref, world, args) -> dict:
         return row
     half = pg_step(policy, pi_k, ref, pi_k, world, args, exact=True)
     full_opp = policy.frozen_copy()                  # π^{k+½}
-    policy.load_state_dict(pi_k.state_dict())
+    copy_parameters(policy, pi_k)
     full = pg_step(policy, pi_k, ref, full_opp, world, args, exact=True)
     return {**step_stats(half, full), **row}
 
@@ -287,7 +287,7 @@ def main(args: Args):
         with run.timed("train"):
             half = pg_step(policy, pi_k, ref, opponent_samples(policy, world, args), world, args)
             full_opp = opponent_samples(policy, world, args)   # π^{k+½} plays the full step only through its samples
-            policy.load_state_dict(pi_k.state_dict())          # the full step starts again from π^k's parameters
+            copy_parameters(policy, pi_k)          # the full step starts again from π^k's parameters
             full = pg_step(policy, pi_k, ref, full_opp, world, args)
         run.end_iteration(k, {**step_stats(half, full), "train/beta": args.beta, "train/eta": args.eta})
     # save ----------------------------------------------------------------------------------------------------------

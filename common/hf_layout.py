@@ -1,7 +1,7 @@
 """Transformers' checkpoint layout <-> ours: tensor names, GPT-2's Conv1D (transposed) weights, and the q/k/v
 (gate/up) projections that common/model.py stacks into one Linear each. `cfg` is a common.model.ModelConfig.
 
-    to_hf_state_dict(model) -> {transformers' name: tensor}              (save)
+    to_hf_state_dict(model, state_dict=None) -> {transformers' name: tensor}      (save)
     from_hf_state_dict(cfg, get, keys, names, source) -> our state dict    (load; stacked pieces shape-checked)
 """
 import re
@@ -41,10 +41,10 @@ def _gpt2(key):
     return (f"h.{layer}." if layer else "") + f"{theirs}.{kind}", theirs in CONV1D and kind == "weight"
 
 
-def to_hf_state_dict(model) -> dict:
-    """Our parameters under transformers' names."""
+def to_hf_state_dict(model, state_dict=None) -> dict:
+    """Our parameters (or `state_dict`, e.g. merged LoRA weights) under transformers' names."""
     cfg, out = model.config, {}
-    for k, v in model.state_dict().items():
+    for k, v in (model.state_dict() if state_dict is None else state_dict).items():
         if k in HEADS:
             out[k] = v
         elif cfg.model_type == "gpt2":

@@ -11,6 +11,7 @@ from common.arena import Game, Games
 from common.chat import ChatError, ChatTemplate, conversation, encode_prompt, encode_response, load_tokenizer, \
     special_token_ids
 from common.files import atomic_dir, read_json
+from common.lora import LoRA
 from common.losses import sequence_logprobs
 from common.model import copy_model, from_pretrained, pad_rows
 from common.policy import Samples
@@ -40,11 +41,12 @@ class LMPolicy(nn.Module):
     sampled response and is scored as part of it. eos_id, the one encode() appends, is the end-of-turn token when the
     template has one, else config.json's EOS.
     infer_batch: rows per generate() call (--infer-batch; None: all of a call's rows at once), which bounds the KV cache
-    and the logits of sampling."""
+    and the logits of sampling. lora: the policy's LoRA adapters (common/lora.py) on a frozen, shared `model`; then
+    parameters() are the adapters alone, and None (adapters off) is the base model itself."""
     BUCKET_ROWS = 128  # rows per length bucket of logprobs() (see _scored)
 
     def __init__(self, model, tokenizer, eos_id, pad_id=None, max_new_tokens=32, eos_ids=None, chat_template=None,
-                 files=None, generation_config=None, prompt_cache=None, infer_batch=None):
+                 files=None, generation_config=None, prompt_cache=None, infer_batch=None, lora=None):
         super().__init__()
         if eos_id is None:
             raise ValueError("LMPolicy needs an EOS id (config.json eos_token_id)")
@@ -58,15 +60,18 @@ class LMPolicy(nn.Module):
         self.files = dict(files or {})              # name -> bytes, copied by save(): tokenizer_config.json, template…
         self.generation_config = dict(generation_config or {})   # the checkpoint's, rewritten by save()
         self.infer_batch = infer_batch
+        self.lora = lora
         self._cand_cache = {}
         self._prompt_cache = {} if prompt_cache is None else prompt_cache
 
     @classmethod
     def load(cls, path, device="cpu", dtype=torch.float32, max_new_tokens=None, chat_template="auto",
-             infer_batch=None) -> "LMPolicy":
+             infer_batch=None, lora_rank=0, lora_alpha=None, lora_targets=None) -> "LMPolicy":
         """From a HF-layout folder. chat_template: "auto" (the folder's own, None when it has none), "none" (raw
-        prompts), or the path of a .jinja file (it is also what save() writes as chat_template.jinja)."""
+        prompts), or the path of a .jinja file (it is also what save() writes as chat_template.jinja). lora_rank > 0:
+        the model is a frozen base in `dtype` with fresh LoRA adapters (fp32) as the trained parameters."""
         model = from_pretrained(path, device=device, dtype=dtype)
+        lora = LoRA(model.requires_grad_(False), lora_rank, lora_alpha, lora_targets) if lora_rank else None
         tokenizer = load_tokenizer(path)
         ids = special_token_ids(path)
         files = {}
@@ -90,7 +95,11 @@ class LMPolicy(nn.Module):
         if end_of_turn is not None:
             eos_id, eos_ids = end_of_turn, [end_of_turn] + eos_ids
         return cls(model, tokenizer, eos_id, ids["pad_id"], max_new_tokens, eos_ids, template, files,
-                   generation_config, infer_batch=infer_batch)
+                   generation_config, infer_batch=infer_batch, lora=lora)
+
+    def parameters(self, recurse=True):
+        """The trained parameters: the model's, or the LoRA adapters' alone (the base is frozen)."""
+        return (self.model if self.lora is None else self.lora).parameters(recurse)
 
     @property
     def device(self):
@@ -161,7 +170,7 @@ class LMPolicy(nn.Module):
         for s in range(0, len(prompts), chunk):     # infer_batch rows per call bounds the KV cache and the logits
             out, mask, _ = generate(self.model, prompt_ids[s:s + chunk], max_new_tokens or self.max_new_tokens,
                                     temperature=temperature, top_p=top_p, top_k=top_k, eos_id=self.eos_ids,
-                                    generator=generator, pad_id=self.pad_id)
+                                    generator=generator, pad_id=self.pad_id, lora=self.lora)
             lengths = mask.sum(1).long().tolist()
             response_ids += [row[:k] for row, k in zip(out.tolist(), lengths)]  # EOS kept where generated
         eos = set(self.eos_ids)
@@ -185,7 +194,7 @@ class LMPolicy(nn.Module):
         ids, attn, resp = (x.to(dev) for x in (samples.input_ids, samples.attention_mask, samples.response_mask))
         B, T = ids.shape
         if B <= self.BUCKET_ROWS:
-            return sequence_logprobs(self.model, ids, attn, resp)
+            return sequence_logprobs(self.model, ids, attn, resp, self.lora)
         on = attn.bool()
         pos = torch.arange(T, device=dev)
         first = torch.where(on, pos, T).min(1).values.cpu()                      # first attended column per row
@@ -196,7 +205,7 @@ class LMPolicy(nn.Module):
             r = order[s:s + self.BUCKET_ROWS]
             c0, c1 = int(first[r].min()), int(last[r].max()) + 1
             rd = r.to(dev)
-            t_lp, s_lp = sequence_logprobs(self.model, ids[rd, c0:c1], attn[rd, c0:c1], resp[rd, c0:c1])
+            t_lp, s_lp = sequence_logprobs(self.model, ids[rd, c0:c1], attn[rd, c0:c1], resp[rd, c0:c1], self.lora)
             tok.append(torch.nn.functional.pad(t_lp, (c0, T - c1)))
             tot.append(s_lp)
         inverse = torch.empty_like(order)
@@ -244,20 +253,31 @@ class LMPolicy(nn.Module):
                 "truncated": float((~ended).double().mean()),
                 "empty": sum(not t.strip() for t in samples.texts) / len(samples)}
 
-    def frozen_copy(self, dtype=None) -> "LMPolicy":
-        """A copy of the model (no grad, eval mode) sharing the tokenizer and template: π_ref, an anchor. dtype: the
-        copy's Linear weights in it (common.model.copy_model: bf16 on CUDA, where it computes under autocast exactly
-        what the fp32 policy does, with half the Linear memory; the trained policy keeps fp32 master weights)."""
-        model = copy_model(self.model, dtype).requires_grad_(False).eval()
+    def frozen_copy(self, dtype=None, adapters=True) -> "LMPolicy":
+        """A frozen copy (no grad) sharing the tokenizer and template: π_ref, an anchor, a second player. Full
+        fine-tuning: a copy of the model, its Linear weights in `dtype` (common.model.copy_model: bf16 under
+        --precision bf16, where it computes under autocast exactly what the fp32 policy does). LoRA: the same frozen
+        base with a copy of the adapters, or with none (adapters=False: the base model, π_ref)."""
+        if self.lora is not None:
+            model, lora = self.model, self.lora.frozen_copy() if adapters else None
+        else:
+            model, lora = copy_model(self.model, dtype).requires_grad_(False).eval(), None
         return LMPolicy(model, self.tokenizer, self.eos_id, self.pad_id, self.max_new_tokens, self.eos_ids,
-                        self.chat_template, self.files, self.generation_config, self._prompt_cache, self.infer_batch)
+                        self.chat_template, self.files, self.generation_config, self._prompt_cache, self.infer_batch,
+                        lora)
 
     def save_checkpoint(self, path):
-        """A run's checkpoint of the policy: save(path), the complete HF folder (fp32 weights: exact)."""
-        self.save(path)
+        """A run's checkpoint of the policy: save(path), the complete HF folder (fp32 weights: exact); with LoRA the
+        adapters alone (PEFT layout, fp32)."""
+        if self.lora is None:
+            return self.save(path)
+        os.makedirs(path, exist_ok=True)
+        self.lora.save(path)
 
     def load_checkpoint(self, path):
-        """The weights of a save_checkpoint() folder into this policy's model (same architecture, device, dtype)."""
+        """The weights of a save_checkpoint() folder into this policy (same architecture, device, dtype)."""
+        if self.lora is not None:
+            return self.lora.load(path)
         p = self.model.lm_head_weight
         with torch.no_grad():
             self.model.load_state_dict(from_pretrained(path, device=p.device, dtype=p.dtype).state_dict())
@@ -267,9 +287,14 @@ class LMPolicy(nn.Module):
         model.safetensors (common/model.py), tokenizer.json, the input folder's tokenizer_config.json and chat
         template files (a minimal tokenizer_config.json when it had none), and its generation_config.json with
         eos_token_id = every EOS id (end-of-turn included). transformers' AutoTokenizer / AutoModelForCausalLM load
-        it and apply_chat_template works on it."""
+        it and apply_chat_template works on it. With LoRA: the merged weights W + (α/r) B A, and the adapters in PEFT's
+        layout in adapter/ (peft.PeftModel.from_pretrained(base, f"{path}/adapter") loads them; beside the merged
+        weights, transformers would apply them a second time on load)."""
         def write(tmp):
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, None if self.lora is None else self.lora.merged_state_dict(self.model))
+            if self.lora is not None:
+                os.makedirs(os.path.join(tmp, "adapter"))
+                self.lora.save(os.path.join(tmp, "adapter"))
             self.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
             files = dict(self.files)
             if "tokenizer_config.json" not in files:

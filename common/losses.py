@@ -151,11 +151,12 @@ def token_logprobs(hidden, weight, targets, *, chunk_rows=None, chunk_cols=None)
     return _TokenLogprobs.apply(hidden, weight, targets, chunk_rows, chunk_cols)
 
 
-def sequence_logprobs(model, input_ids, attention_mask, response_mask):
+def sequence_logprobs(model, input_ids, attention_mask, response_mask, lora=None):
     """Per-token (B, T) float32 and summed (B,) log-probs of the response tokens of a padded batch: input_ids (B, T)
     = left-padded prompt + response + right padding, attention_mask (B, T) or None, response_mask (B, T) 1 on response
     tokens (EOS included; column 0 must be 0: the token at t is scored by the hidden state at t − 1). model has
-    hidden_states(input_ids, attention_mask) -> (B, T, d) and lm_head_weight (V, d). Exactly 0 off response_mask."""
+    hidden_states(input_ids, attention_mask, lora=…) -> (B, T, d) and lm_head_weight (V, d); lora: its adapters, if any.
+    Exactly 0 off response_mask."""
     B, T = input_ids.shape
     if (response_mask.shape != (B, T) or (attention_mask is not None and attention_mask.shape != (B, T))
             or T < 1):
@@ -167,7 +168,7 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask):
     if mask[:, 0].any():  # one host sync; the boolean indexing below syncs anyway
         raise ValueError("sequence_logprobs: response_mask[:, 0] must be 0 (position 0 has no preceding "
                          "hidden state to score it)")
-    hidden = model.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, d)
+    hidden = model.hidden_states(input_ids, attention_mask=attention_mask, lora=lora)  # (B, T, d)
     h = hidden[:, :-1][mask[:, 1:]]  # (N, d) states that predict response tokens
     targets = input_ids[:, 1:][mask[:, 1:]]  # (N,)
     logps = token_logprobs(h, model.lm_head_weight, targets)  # (N,)

@@ -183,6 +183,12 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def adapted(module, x, lora, site):
+    """module(x), plus the low-rank update of `site` ("<layer>.self_attn.qkv_proj", …) when `lora` adapts it."""
+    y = module(x)
+    return y if lora is None else lora.add(y, x, site)
+
+
 GELU_C = 2 * math.sqrt(2 / math.pi)
 
 
@@ -286,9 +292,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hs, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hs, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, mask, cache, layer):
+    def forward(self, x, rope, mask, cache, layer, lora=None):
         B, T, _ = x.shape
-        qkv = self.qkv_proj(x).view(B, T, self.nh + 2 * self.nkv, self.hs)
+        qkv = adapted(self.qkv_proj, x, lora, f"{layer}.self_attn.qkv_proj").view(B, T, self.nh + 2 * self.nkv, self.hs)
         q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=2)         # (B, T, nh|nkv, hs) views
         v = v.transpose(1, 2)                                              # (B, nkv, T, hs)
         if self.qk_norm:
@@ -301,7 +307,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)                               # (B, nkv, S, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.nkv != self.nh)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)
+        return adapted(self.o_proj, y, lora, f"{layer}.self_attn.o_proj")
 
 
 class MLP(nn.Module):
@@ -317,11 +324,13 @@ class MLP(nn.Module):
             self.up_proj = Linear(d, f, bias=bias)
         self.down_proj = Linear(f, d, bias=bias)
 
-    def forward(self, x):
+    def forward(self, x, layer, lora=None):
         if self.gated:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(gelu_tanh(self.up_proj(x)))
+            gate, up = adapted(self.gate_up_proj, x, lora, f"{layer}.mlp.gate_up_proj").chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = gelu_tanh(adapted(self.up_proj, x, lora, f"{layer}.mlp.up_proj"))
+        return adapted(self.down_proj, h, lora, f"{layer}.mlp.down_proj")
 
 
 class Block(nn.Module):
@@ -333,9 +342,9 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, cache, layer):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope, mask, cache, layer, lora=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), layer, lora)
 
 
 class Transformer(nn.Module):
@@ -375,12 +384,13 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {max_len} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
         p = self.embed_tokens.weight
-        dtype = torch.get_autocast_dtype("cuda") if p.is_cuda and torch.is_autocast_enabled("cuda") else p.dtype
+        kind = p.device.type   # the keys' dtype: the autocast dtype when it is on (CPU or CUDA), else the weights'
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else p.dtype
         return KVCache(self.config, batch_size, max_len, p.device, dtype)
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None, lora=None):
         """Final-norm hidden states (B, T, d). With `cache`, input_ids are the next T tokens and attention_mask
-        (B, cache.pos + T) covers the cached tokens too."""
+        (B, cache.pos + T) covers the cached tokens too. lora: common.lora.LoRA adapters added to the projections."""
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
         S = past + T
@@ -423,9 +433,9 @@ class Transformer(nn.Module):
         recompute = self.grad_checkpoint and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if recompute:  # keep only each block's input; its activations are recomputed in backward
-                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, None, i, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, None, i, lora, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, cache, i)
+                x = layer(x, rope, mask, cache, i, lora)
         if cache is not None:
             cache.pos = S
         return self.norm(x)
@@ -453,9 +463,9 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, state_dict=None):
         """Write config.json + model.safetensors (HF names) into `path`, via a temporary folder and rename."""
-        save_pretrained(self, path)
+        save_pretrained(self, path, state_dict)
 
 
 def _check_supported(cfg: ModelConfig):
@@ -559,11 +569,11 @@ def from_pretrained(path, device="cpu", dtype=torch.float32) -> Transformer:
     return model.to(device=device)
 
 
-def save_pretrained(model: Transformer, path):
-    """config.json + model.safetensors in HF layout, written whole (common.files.atomic_dir); other files already in
-    `path` (tokenizer.json, …) are kept."""
+def save_pretrained(model: Transformer, path, state_dict=None):
+    """config.json + model.safetensors in HF layout (of `state_dict`, our names, when given: e.g. merged LoRA weights),
+    written whole (common.files.atomic_dir); other files already in `path` (tokenizer.json, …) are kept."""
     def write(tmp):
-        state = {k: v.to("cpu") for k, v in to_hf_state_dict(model).items()}
+        state = {k: v.to("cpu") for k, v in to_hf_state_dict(model, state_dict).items()}
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         cfg = model.config.to_hf()
         cfg["torch_dtype"] = str(model.embed_tokens.weight.dtype).replace("torch.", "")

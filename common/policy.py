@@ -12,7 +12,7 @@ model (common/lm_policy.py, LMPolicy) alike:
     frozen_copy(dtype), parameters(), save(dir), save_checkpoint(dir) / load_checkpoint(dir)
 Prompts are Game objects (common/arena.py) or chat prompts (common.chat.Conversation, or a str: one user turn).
 Helpers: unique_responses() (identical samples scored once), backward_in_micro_batches() (gradient accumulation over
---micro-batch rows), batched_logprobs() (frozen log-probs, --infer-batch rows at a time).
+--micro-batch rows), batched_logprobs() (frozen log-probs, --infer-batch rows at a time), copy_parameters().
 """
 import contextlib
 import copy
@@ -137,6 +137,13 @@ def backward_in_micro_batches(policy, samples, loss_fn, micro_batch=None, per_to
     return loss.detach(), aux
 
 
+@torch.no_grad()
+def copy_parameters(dst, src):
+    """The trained parameters of `src` (a frozen_copy of `dst`: a table, a model, or LoRA adapters) into `dst`."""
+    for p, q in zip(dst.parameters(), src.parameters(), strict=True):
+        p.copy_(q)
+
+
 def batched_logprobs(policy, samples, batch_size=None, per_token=False):
     """ℓ(y|x) (B,) of every row of `samples` under a frozen policy, or its per-token terms (B, T) with per_token, on
     the CPU, no grad, batch_size rows at a time (--infer-batch; None: 256)."""
@@ -226,8 +233,8 @@ class TabularPolicy(nn.Module):
         lp = self.log_probs().cpu()
         return [lp[self.index[g.id], :g.n].exp().numpy().astype(np.float64) for g in games]
 
-    def frozen_copy(self, dtype=None) -> "TabularPolicy":
-        """A copy with no grad (dtype: accepted for LMPolicy's interface; a table stays float64)."""
+    def frozen_copy(self, dtype=None, adapters=True) -> "TabularPolicy":
+        """A copy with no grad (dtype, adapters: LMPolicy's interface; a table stays float64 and has no adapters)."""
         return copy.deepcopy(self).requires_grad_(False)
 
     def matrices(self, games) -> torch.Tensor:

@@ -52,15 +52,15 @@ def sample(logprobs, generator=None):
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
 
 
-def prefill(model, ids, attention_mask, position_ids, cache):
+def prefill(model, ids, attention_mask, position_ids, cache, lora=None):
     """Fill `cache` with the prompts ids (B, L); returns the last position's logits (B, V)."""
-    h = model.hidden_states(ids, attention_mask, position_ids, cache)             # (B, L, d)
+    h = model.hidden_states(ids, attention_mask, position_ids, cache, lora)       # (B, L, d)
     return linear(h[:, -1], model.lm_head_weight)
 
 
-def decode_one_token(model, tok, attention_mask, position_ids, cache):
+def decode_one_token(model, tok, attention_mask, position_ids, cache, lora=None):
     """tok (B, 1) at the cache's next slot; attention_mask (B, cache.pos + 1); returns logits (B, V)."""
-    h = model.hidden_states(tok, attention_mask, position_ids, cache)             # (B, 1, d)
+    h = model.hidden_states(tok, attention_mask, position_ids, cache, lora)       # (B, 1, d)
     return linear(h[:, -1], model.lm_head_weight)
 
 
@@ -91,7 +91,7 @@ def _setup(model, prompts, max_new_tokens, eos_id, pad_id):
     return ids, mask, positions, eos, pad_id
 
 
-def _decode(model, cache, first_logits, L, max_new_tokens, mask, positions, eos, pad_id, sampling, generator):
+def _decode(model, lora, cache, first_logits, L, max_new_tokens, mask, positions, eos, pad_id, sampling, generator):
     """The token loop after prefill: draw, record, stop when every row has finished, else one decode step."""
     B, device = first_logits.shape[0], first_logits.device
     out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -114,7 +114,7 @@ def _decode(model, cache, first_logits, L, max_new_tokens, mask, positions, eos,
             break
         S = L + t + 1
         logits = decode_one_token(model, out_ids[:, t:t + 1], None if mask is None else mask[:, :S],
-                                  positions[:, S - 1:S], cache)
+                                  positions[:, S - 1:S], cache, lora)
     n = int(out_mask.sum(1).max())                                                # longest response (one sync)
     return out_ids[:, :n], out_mask[:, :n], out_logps[:, :n]
 
@@ -139,11 +139,11 @@ def _inference(fn):
 
 @_inference
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, eos_id=None,
-             generator=None, pad_id=None):
-    """Sample responses to `prompts` from `model`; see the module docstring for the contract."""
+             generator=None, pad_id=None, lora=None):
+    """Sample responses to `prompts` from `model` (with LoRA adapters `lora`, if any); see the module docstring."""
     sampling = _sampling_args(temperature, top_k, top_p)
     ids, mask, positions, eos, pad_id = _setup(model, prompts, max_new_tokens, eos_id, pad_id)
     B, L = ids.shape
     cache = model.new_cache(B, L + max_new_tokens)
-    first = prefill(model, ids, None if mask is None else mask[:, :L], positions[:, :L], cache)
-    return _decode(model, cache, first, L, max_new_tokens, mask, positions, eos, pad_id, sampling, generator)
+    first = prefill(model, ids, None if mask is None else mask[:, :L], positions[:, :L], cache, lora)
+    return _decode(model, lora, cache, first, L, max_new_tokens, mask, positions, eos, pad_id, sampling, generator)

@@ -67,13 +67,26 @@ class WorldArgs:
     grad_checkpoint: bool = False
     """recompute each transformer block in backward instead of storing its activations (less memory, one more
     forward)"""
+    lora_rank: int = flag(0, ge=0)
+    """LoRA rank r: train low-rank adapters on the frozen model, π_ref = the model with the adapters off (0: full
+    fine-tuning)"""
+    lora_alpha: float | None = flag(gt=0, rule=("2 × --lora-rank", lambda a, beta: 2.0 * a.lora_rank or None))
+    """LoRA α: the update is (α/r) B A"""
+    lora_targets: str = "all"
+    """comma-separated projections to adapt, as transformers names them (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
+    down_proj; GPT-2: c_attn,c_proj,c_fc), or all"""
     run_dir: str | None = None
     """output folder (default runs/<algo>__<seed>__<time>; algo sadpo for tanpo.py --single-agent)"""
     resume: str | None = None
     """continue the interrupted run in this folder (<run dir>.incomplete) from its last complete iteration, with its
     own args.json (other flags must agree with it)"""
-    device: str | None = None
-    """cpu or cuda (default cuda when available; bf16 autocast there)"""
+    device: str | None = flag(rule=("cuda when available, else cpu",
+                                    lambda a, beta: "cuda" if torch.cuda.is_available() else "cpu"))
+    """cpu, cuda or cuda:N"""
+    precision: Literal["fp32", "bf16"] | None = flag(rule=("bf16 on CUDA, fp32 on CPU", lambda a, beta:
+                                                            "bf16" if a.device.startswith("cuda") else "fp32"))
+    """bf16: the forward passes under bf16 autocast and the frozen models (π_ref, the judge, the LoRA base) in bf16;
+    the trained weights stay fp32 either way"""
     threads: int | None = flag(lm=2, tabular=1, ge=1)
     """CPU threads of torch (sized for 2 cores; a table's tiny ops only wait on a second thread)"""
 
@@ -86,8 +99,11 @@ class WorldArgs:
         if self.eval_prompts is not None and (self.prompts is None or self.games is not None):
             raise ValueError("--eval-prompts applies to --prompts runs without --games (with a games file the "
                              "evaluation is exact, on its games)")
-        if self.policy == "tabular" and (self.prompts is not None or self.model is not None):
-            raise ValueError("--policy tabular takes its actions from --games; --prompts/--model do not apply")
+        if self.policy == "tabular" and (self.prompts is not None or self.model is not None or self.lora_rank):
+            raise ValueError("--policy tabular takes its actions from --games; --prompts/--model/--lora-rank do not "
+                             "apply")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: this torch build or machine has no CUDA device")
 
 
 def world_kind(args) -> str:
@@ -95,11 +111,11 @@ def world_kind(args) -> str:
     return "tabular" if args.policy == "tabular" else "real" if args.prompts is not None else "arena"
 
 
-def frozen_dtype(device):
-    """dtype of the frozen models' weights: bf16 on CUDA, where every pass runs under bf16 autocast (a model judge is
-    cast whole; π_ref only its Linear weights, LMPolicy.frozen_copy, so that it computes what the fp32 policy
-    computes); None (fp32, unchanged) on CPU. The trained policy keeps fp32 master weights."""
-    return torch.bfloat16 if str(device).startswith("cuda") else None
+def frozen_dtype(precision):
+    """dtype of the frozen models' weights: bf16 with --precision bf16, where every pass runs under bf16 autocast (a
+    model judge and a LoRA base are cast whole; π_ref of full fine-tuning only its Linear weights, LMPolicy.frozen_copy,
+    so that it computes what the fp32 policy computes); None (unchanged) with fp32. Trained weights stay fp32."""
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 @dataclass
@@ -114,6 +130,7 @@ class World:
     eval_prompts: list      # prompts of the sampled evaluation (real-checkpoint world only)
     beta: float             # the games file's β: the regularization the metrics measure (0.1 without games)
     device: str
+    precision: str          # fp32 or bf16 (autocast)
     generator: object       # torch.Generator on the device: every sample and label of the run
     shuffle_generator: object  # torch.Generator on the CPU: minibatch orders
     eval_samples: int = 4   # responses per evaluation prompt (real-checkpoint world)
@@ -121,8 +138,9 @@ class World:
     ref_eval: object = None  # π_ref's evaluation samples (real-checkpoint world), drawn on the first evaluate()
 
     def autocast(self):
-        """bf16 autocast on CUDA (weights stay fp32: the optimizer state is exact); nothing on CPU."""
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") \
+        """bf16 autocast with --precision bf16, on CPU as on CUDA (weights stay fp32: the optimizer state is exact);
+        nothing with fp32."""
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16) if self.precision == "bf16" \
             else contextlib.nullcontext()
 
     def evaluate(self, policy) -> dict:
@@ -174,16 +192,18 @@ def setup_world(args) -> World:
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device, frozen = args.device, frozen_dtype(args.precision)
         torch.set_num_threads(args.threads)
         if kind == "tabular":
             policy = TabularPolicy(games).to(device)
-        else:
+        else:   # full fine-tuning: fp32 master weights; LoRA: a frozen base in the frozen dtype, fp32 adapters
+            targets = None if args.lora_targets == "all" else [t.strip() for t in args.lora_targets.split(",")]
             policy = LMPolicy.load(args.model or ARENA_DIR, device=device, max_new_tokens=args.max_new_tokens,
-                                   chat_template=args.chat_template, infer_batch=args.infer_batch)
+                                   chat_template=args.chat_template, infer_batch=args.infer_batch,
+                                   dtype=(frozen or torch.float32) if args.lora_rank else torch.float32,
+                                   lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=targets)
             policy.model.grad_checkpoint = args.grad_checkpoint
-        judge = make_judge(args.judge, games, device=device, batch_size=args.infer_batch,
-                           dtype=frozen_dtype(device))
+        judge = make_judge(args.judge, games, device=device, batch_size=args.infer_batch, dtype=frozen)
         if kind == "real":
             prompts = read_prompts(args.prompts)
             eval_prompts = read_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else prompts[:64]
@@ -196,7 +216,8 @@ def setup_world(args) -> World:
         fail(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
     if kind == "real" and policy.chat_template is None and args.chat_template == "auto":
         print(f"note: {args.model or ARENA_DIR} has no chat template: prompts are fed as raw text", file=sys.stderr)
-    return World(kind=kind, policy=policy, ref=policy.frozen_copy(frozen_dtype(device)), judge=judge, games=games,
+    return World(kind=kind, policy=policy, ref=policy.frozen_copy(frozen, adapters=False), judge=judge, games=games,
                  prompts=prompts, eval_prompts=eval_prompts, beta=games.beta if games is not None else 0.1,
-                 device=device, generator=torch.Generator(device=device).manual_seed(args.seed),
+                 device=device, precision=args.precision,
+                 generator=torch.Generator(device=device).manual_seed(args.seed),
                  shuffle_generator=torch.Generator().manual_seed(args.seed), eval_samples=args.eval_samples)

@@ -167,7 +167,7 @@ class TinyLM(nn.Module):
         self.emb, self.mix, self.norm = nn.Embedding(V, d), nn.Linear(d, d), nn.LayerNorm(d)
         nn.init.normal_(self.emb.weight, std=0.5)  # logits of std ~2
 
-    def hidden_states(self, input_ids, attention_mask=None):
+    def hidden_states(self, input_ids, attention_mask=None, lora=None):
         x = self.emb(input_ids)  # (B, T, d)
         m = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         m = m[..., None].float()  # (B, T, 1)

@@ -445,6 +445,20 @@ def test_every_script_runs_with_every_judge(chat_world, script_runs, script, kin
             assert os.path.isfile(os.path.join(run_dir, "max_player", f)), f
 
 
+@pytest.mark.parametrize("lora", [0, 4])
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_every_script_runs_under_bf16_on_a_chat_checkpoint(chat_world, tmp_path, script, lora):
+    """The mixed-precision path (bf16 autocast, bf16 judge and π_ref or LoRA base) runs on CPU, as CI runs it."""
+    d = str(tmp_path / "run")
+    code, err = run_in_process(script, [*world_flags(chat_world), *SCRIPTS[script], "--max-new-tokens", "6",
+                                        "--eval-samples", "1", "--threads", "1", "--precision", "bf16",
+                                        "--lora-rank", str(lora), "--run-dir", d])
+    assert code == 0, err[-3000:]
+    rows = read_metrics(d)
+    assert [row["iteration"] for row in rows] == [0, 1] and all(np.isfinite(row["eval/bucket_kl_ne"]) for row in rows)
+    assert os.path.isfile(os.path.join(d, "adapter", "adapter_config.json")) == bool(lora)
+
+
 # ---- 4. bad input on the command line --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", BAD)

@@ -33,8 +33,13 @@ SCRIPTS = {  # name -> (argv before the flags, the smallest arena-LM settings th
     "nash_dpo": (["nash_dpo.py"], ["--samples-per-prompt", "2", "--groups-per-prompt", "1", "--epochs", "1"]),
     "tanpo": (["tanpo.py"], ["--pairs-per-prompt", "1", "--bonus-samples", "1", "--epochs", "1"]),
     "sadpo": (["tanpo.py", "--single-agent"], ["--pairs-per-prompt", "1", "--bonus-samples", "1", "--epochs", "1"]),
+    "nash_mp_lora": (["nash_mp.py"], ["--samples-per-prompt", "2", "--opponent-samples", "2", "--inner-steps", "1",
+                                      "--lora-rank", "4", "--lr", "0.01"]),     # LoRA: checkpoints hold the adapters
+    "tanpo_lora": (["tanpo.py"], ["--pairs-per-prompt", "1", "--bonus-samples", "1", "--epochs", "1",
+                                  "--lora-rank", "4", "--lr", "0.01"]),
 }
-TWO_PLAYERS = {"tanpo"}
+LORA = {"nash_mp_lora", "tanpo_lora"}
+TWO_PLAYERS = {"tanpo", "tanpo_lora"}
 SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
 
@@ -122,7 +127,8 @@ def result_files(name, world):
     """The trained policies a finished run holds at its root."""
     if world == "tabular":
         return ["policy.json"] + (["policy_max.json"] if name in TWO_PLAYERS else [])
-    return ["model.safetensors"] + ([os.path.join("max_player", "model.safetensors")] if name in TWO_PLAYERS else [])
+    files = ["model.safetensors"] + (["adapter/adapter_model.safetensors"] if name in LORA else [])
+    return files + [os.path.join("max_player", f) for f in files if name in TWO_PLAYERS]
 
 
 def assert_finished_like(ref, d, name, world, moved=False):
@@ -247,7 +253,7 @@ def check_interrupted(script, run_dir, rc, err, sig, players):
 
 CASES = []
 for i, name in enumerate(SCRIPTS):
-    for j, world in enumerate(("tabular", "lm")):
+    for j, world in enumerate(("lm",) if name in LORA else ("tabular", "lm")):
         sig = signal.SIGTERM if (i + j) % 2 == 0 else signal.SIGINT   # each script gets both signals
         CASES.append(pytest.param(name, world, sig, id=f"{name}-{world}-{SIGNALS[sig]}"))
 
@@ -258,7 +264,11 @@ def test_interrupted_run_resumes_bitwise_equal(tmp_path, games, references, name
     key = references.start(name, world, argv)            # the run never stopped, alongside
     run_dir, rc, err = interrupt(argv, str(tmp_path / "logs"), str(tmp_path / "run"), sig)
     script = argv[0]
-    check_interrupted(script, run_dir, rc, err, sig, players_of(name))
+    latest = check_interrupted(script, run_dir, rc, err, sig, players_of(name))
+    if name in LORA:   # a LoRA run's checkpoints hold its adapters, not the model
+        for player in players_of(name):
+            assert sorted(os.listdir(os.path.join(run_dir + ".incomplete", latest["checkpoint"], player))) == \
+                ["adapter_config.json", "adapter_model.safetensors"]
     r = run_script(script, "--resume", run_dir + ".incomplete")
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"run dir: {run_dir}" in r.stdout
