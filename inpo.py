@@ -22,6 +22,7 @@ Paper → code
     §5 practical recipe: K = 8, knock-out tournament, 11 comparisons        tournament_pairs()
     Prop. 6 (Eq. 8 = Eq. 7 up to a constant; needs y, y' i.i.d. from π_t)  --pairs all (default), --pairs iid
     Eq. (8) in exact expectation (tabular)                                  exact_loss(), exact_iteration()
+    minimizing L_t from π_t (Adam, minibatches of pairs)                    update(), minibatches()
     Theorem 4 (last iterate, KL(π*‖π_{t+1}) ≤ (1 − τ/η) KL(π*‖π_t) + …)     the default schedule eta_at() [derived]
 
 Deviations from the paper (numbered; each is one flag away from the paper's setting)
@@ -229,6 +230,32 @@ def tournament_pairs(y, K, judge, gen):
     return keep_w[ok], keep_l[ok], None
 
 
+# ALGO LOGIC: the update ------------------------------------------------------------------------------------
+
+def update(policy, y, win, lose, weights, group, prev, ref_lp, eta, world, args) -> list:
+    """Minimize L_t (Eq. 8) from π_t with Adam (deviation 4): `epochs` passes over the pairs (win[i] ≻ lose[i], rows of
+    the samples y, with their weights; group: each row's prompt, --pairs all), ℓ_t = prev and ℓ_ref = ref_lp frozen.
+    Returns the loss of each step."""
+    opt, losses = torch.optim.Adam(policy.parameters(), lr=args.lr), []
+    for _ in range(args.epochs):
+        for mb in minibatches(args, len(win), None if group is None else group[win], world.shuffle_generator):
+            w, l = win[mb], lose[mb]
+            rows, pos = torch.unique(torch.cat([w, l]), return_inverse=True)  # each response scored once
+            B = len(mb)
+
+            def loss_of(lp_rows):   # ℓ_θ of the distinct responses -> Eq. (8) on the pairs
+                lp, dev = lp_rows[pos.to(lp_rows.device)], lp_rows.device
+                wts = None if weights is None else weights[mb].to(dev, lp.dtype)
+                return inpo_loss(lp[:B], lp[B:], ref_lp[w].to(dev), ref_lp[l].to(dev), prev[w].to(dev),
+                                 prev[l].to(dev), eta, args.tau, wts)
+            opt.zero_grad(set_to_none=True)
+            loss, _ = backward_in_micro_batches(policy, y.select(rows), loss_of, args.micro_batch,
+                                                autocast=world.autocast)
+            opt.step()
+            losses.append(loss)
+    return losses
+
+
 def minibatches(args, n_pairs, prompt_of_pair, gen):
     """Index tensors of the pairs of each optimizer step, in a random order: batch_size pairs (iid, tournament), or
     all the pairs of batch_size prompts (--pairs all: a response's log-prob is then computed once per step)."""
@@ -268,23 +295,7 @@ def main(args: Args):
             ref_lp = batched_logprobs(ref, y, args.infer_batch)
         # loss + update: L_t of Eq. (8) minimized from π_t (deviation 4) ---------------------------------------------
         with run.timed("train"):
-            opt, losses = torch.optim.Adam(policy.parameters(), lr=args.lr), []
-            for _ in range(args.epochs):
-                for mb in minibatches(args, len(win), None if group is None else group[win], world.shuffle_generator):
-                    w, l = win[mb], lose[mb]
-                    rows, pos = torch.unique(torch.cat([w, l]), return_inverse=True)  # each response scored once
-                    B = len(mb)
-
-                    def loss_of(lp_rows):   # ℓ_θ of the distinct responses -> Eq. (8) on the pairs
-                        lp, dev = lp_rows[pos.to(lp_rows.device)], lp_rows.device
-                        return inpo_loss(lp[:B], lp[B:], ref_lp[w].to(dev), ref_lp[l].to(dev), prev[w].to(dev),
-                                         prev[l].to(dev), eta, args.tau,
-                                         None if weights is None else weights[mb].to(dev, lp.dtype))
-                    opt.zero_grad(set_to_none=True)
-                    loss, _ = backward_in_micro_batches(policy, y.select(rows), loss_of, args.micro_batch,
-                                                        autocast=world.autocast)
-                    opt.step()
-                    losses.append(loss)
+            losses = update(policy, y, win, lose, weights, group, prev, ref_lp, eta, world, args)
         run.end_iteration(t, {"train/loss": torch.stack(losses).mean() if losses else None, "train/pairs": len(win),
                               "train/unique": n_unique, "train/eta": eta, "train/tau": args.tau})
     # save ----------------------------------------------------------------------------------------------------------

@@ -100,12 +100,18 @@ class ArenaJudge(Judge):
 
 class ModelJudge(Judge):
     """A judge that runs a model folder (common/model.py) with its tokenizer, chat template and pad id, under no_grad,
-    batch_size rows of similar length per pass (bf16 autocast on CUDA when the caller enables it)."""
+    batch_size rows of similar length per pass (bf16 autocast when the caller enables it). parts = (model, tokenizer,
+    chat template) builds it from objects in memory instead (bench/gpu_check.py); `path` then only names it."""
 
-    def __init__(self, path, device, dtype, batch_size):
-        self.model = from_pretrained(path, device=device, dtype=dtype).eval().requires_grad_(False)
-        self.tokenizer, self.chat_template = load_tokenizer(path), ChatTemplate.load(path)
-        ids = special_token_ids(path)
+    def __init__(self, path, device, dtype, batch_size, parts=None):
+        if parts is None:
+            model, tokenizer, template = from_pretrained(path, device=device, dtype=dtype), load_tokenizer(path), \
+                ChatTemplate.load(path)
+            ids = special_token_ids(path)
+        else:
+            (model, tokenizer, template), cfg = parts, parts[0].config
+            ids = {"eos_id": cfg.eos_token_id, "pad_id": cfg.pad_token_id}
+        self.model, self.tokenizer, self.chat_template = model.eval().requires_grad_(False), tokenizer, template
         self.eos_id, self.pad_id = ids["eos_id"], ids["pad_id"] if ids["pad_id"] is not None else 0
         self.batch_size = batch_size
 
@@ -124,8 +130,8 @@ class ModelJudge(Judge):
 class RewardModelJudge(ModelJudge):
     """σ(r(x, a) − r(x, b)) with a *ForSequenceClassification checkpoint (num_labels = 1)."""
 
-    def __init__(self, path, device="cpu", dtype=torch.float32, batch_size=64):
-        super().__init__(path, device, dtype, batch_size)
+    def __init__(self, path, device="cpu", dtype=torch.float32, batch_size=64, parts=None):
+        super().__init__(path, device, dtype, batch_size, parts)
         if not self.model.config.is_reward_model or self.model.config.num_labels != 1:
             raise ValueError(f"{path}: not a reward model (expected a *ForSequenceClassification config.json "
                              f"with num_labels = 1)")
@@ -186,8 +192,8 @@ class PairJudge(ModelJudge):
     rendering follows this project's specification (the judge's template with add_generation_prompt=True, its BOS
     once); the RLHFlow scripts may differ in such details (a generation prompt, a BOS stripped), not checked here."""
 
-    def __init__(self, path, device="cpu", dtype=torch.float32, batch_size=16):
-        super().__init__(path, device, dtype, batch_size)
+    def __init__(self, path, device="cpu", dtype=torch.float32, batch_size=16, parts=None):
+        super().__init__(path, device, dtype, batch_size, parts)
         if self.model.config.is_reward_model:
             raise ValueError(f"--judge pair:{path}: a *ForSequenceClassification model; a pair judge is a causal LM "
                              f"(use rm:{path})")
