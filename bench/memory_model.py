@@ -57,7 +57,8 @@ def saved_bytes_per_token(cfg: ModelConfig, checkpoint: bool, lora_rank=0, devic
     def count(layers):
         small = ModelConfig(**{**cfg.__dict__, "num_hidden_layers": layers, "vocab_size": 256, "extra": {}})
         torch.manual_seed(0)
-        model = Transformer(small).to(device)
+        with torch.device(device):
+            model = Transformer(small).to(device)   # (RoPE's frequencies are computed on the CPU)
         model.grad_checkpoint = checkpoint
         lora = None
         if lora_rank:
