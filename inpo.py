@@ -66,7 +66,7 @@ from typing import Literal
 import torch
 
 from common.cli import BETA, cli, flag
-from common.policy import backward_in_micro_batches, batched_logprobs, unique_responses
+from common.policy import adam, backward_in_micro_batches, batched_logprobs, unique_responses
 from common.run import RunDir
 from common.world import WorldArgs, setup_world
 
@@ -236,7 +236,7 @@ def update(policy, y, win, lose, weights, group, prev, ref_lp, eta, world, args)
     """Minimize L_t (Eq. 8) from π_t with Adam (deviation 4): `epochs` passes over the pairs (win[i] ≻ lose[i], rows of
     the samples y, with their weights; group: each row's prompt, --pairs all), ℓ_t = prev and ℓ_ref = ref_lp frozen.
     Returns the loss of each step."""
-    opt, losses = torch.optim.Adam(policy.parameters(), lr=args.lr), []
+    opt, losses = adam(policy, args.lr), []
     for _ in range(args.epochs):
         for mb in minibatches(args, len(win), None if group is None else group[win], world.shuffle_generator):
             w, l = win[mb], lose[mb]

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import BETA, cli, flag
-from common.policy import backward_in_micro_batches, batched_logprobs
+from common.policy import adam, backward_in_micro_batches, batched_logprobs
 from common.run import RunDir
 from common.world import WorldArgs, setup_world
 
@@ -239,7 +239,7 @@ def main(args: Args):
             anchor_lp = batched_logprobs(policy if args.ref == "prev" else ref, y, args.infer_batch)  # frozen ℓ_a
         # loss + update: Eq. (13) against the anchor, from π_t (deviation 5) ----------------------------------------
         with run.timed("train"):
-            opt, losses, margins = torch.optim.Adam(policy.parameters(), lr=args.lr), [], []
+            opt, losses, margins = adam(policy, args.lr), [], []
             for _ in range(args.epochs if len(chosen) else 0):
                 order = torch.randperm(len(chosen), generator=world.shuffle_generator)
                 for s in range(0, len(chosen), args.batch_size):

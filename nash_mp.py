@@ -65,7 +65,7 @@ from typing import Literal
 import torch
 
 from common.cli import BETA, cli, flag
-from common.policy import backward_in_micro_batches, batched_logprobs, copy_parameters, unique_responses
+from common.policy import adam, backward_in_micro_batches, batched_logprobs, copy_parameters, unique_responses
 from common.run import RunDir
 from common.world import WorldArgs, setup_world
 
@@ -185,7 +185,7 @@ def pg_step(policy, anchor, ref, opponent, world, args, exact=False):
     prompt (opponent_samples()); each step draws K fresh responses per prompt from π_θ, scores each distinct one once
     (weighted by its count) and baselines it with the leave-one-out mean return of its prompt. exact=True (tabular):
     `opponent` is the opponent policy, every action weighted by π_θ(y) against its exact mixture. Returns mean stats."""
-    opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    opt = adam(policy, args.lr)
     gen, judge = world.generator, world.judge
     K, K_opp = args.samples_per_prompt, args.opponent_samples
     stats = []

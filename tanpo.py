@@ -82,7 +82,7 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import BETA, cli, fail, flag
-from common.policy import Samples, TabularPolicy, backward_in_micro_batches, batched_logprobs
+from common.policy import Samples, TabularPolicy, adam, backward_in_micro_batches, batched_logprobs
 from common.run import RunDir
 from common.world import WorldArgs, setup_world
 
@@ -192,7 +192,7 @@ def update(player, D, D_ref, n_new, world, args, bonus=None, c=0.0):
     """Adam on dpo_loss (+ exploration_bonus when `bonus` samples are given): epochs × ⌈n_new / batch⌉ steps, each
     on a uniformly random minibatch of D's pairs (rows 2i, 2i+1 = winner, loser; D_ref their ℓ_ref) (deviation 3).
     Returns the mean loss (a 0-dim tensor)."""
-    opt, gen = torch.optim.Adam(player.parameters(), lr=args.lr), world.shuffle_generator
+    opt, gen = adam(player, args.lr), world.shuffle_generator
     stats = []
     for _ in range(args.epochs):
         order = torch.randperm(len(D) // 2, generator=gen)[:n_new]

@@ -101,6 +101,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ours-flags", default="", help="extra flags for nash_dpo.py (e.g. '--grad-checkpoint')")
     args = ap.parse_args(argv)
+    args.model = os.path.abspath(args.model)   # the TRL job runs in a temporary folder
     tmp = tempfile.mkdtemp(prefix="bench_vs_trl_")
     try:
         rm_dir, prompts = os.path.join(tmp, "rm"), os.path.join(tmp, "prompts.jsonl")
@@ -113,7 +114,7 @@ def main(argv=None):
         job = os.path.join(tmp, "trl_job.py")
         with open(job, "w") as f:
             f.write(TRL_JOB)
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
         res = {}
         trl_cmd = [args.trl_python, job, args.model, rm_dir, prompts, os.path.join(tmp, "trl_out"), str(args.threads)]
         wall, rss, out = measured(trl_cmd, tmp, env, f"the TRL job (is trl installed for {args.trl_python}?)")

@@ -142,7 +142,7 @@ def parse_args(cls, argv=None):
     p = _Parser(description=doc)
     for f in dataclasses.fields(cls):
         help_ = " ".join(x for x in (docs.get(f.name, ""), f"({default_text(f)})" if default_text(f) else "") if x)
-        if f.type is bool:
+        if bool in (f.type, *typing.get_args(f.type)):
             p.add_argument(_name(f), default=f.default, action=argparse.BooleanOptionalAction, help=help_)
         else:
             base = next((t for t in (f.type, *typing.get_args(f.type)) if t in (int, float, str)), str)

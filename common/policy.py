@@ -12,7 +12,7 @@ model (common/lm_policy.py, LMPolicy) alike:
     frozen_copy(dtype), parameters(), save(dir), save_checkpoint(dir) / load_checkpoint(dir)
 Prompts are Game objects (common/arena.py) or chat prompts (common.chat.Conversation, or a str: one user turn).
 Helpers: unique_responses() (identical samples scored once), backward_in_micro_batches() (gradient accumulation over
---micro-batch rows), batched_logprobs() (frozen log-probs, --infer-batch rows at a time), copy_parameters().
+--micro-batch rows), batched_logprobs() (frozen log-probs, --infer-batch rows at a time), copy_parameters(), adam().
 """
 import contextlib
 import copy
@@ -142,6 +142,12 @@ def copy_parameters(dst, src):
     """The trained parameters of `src` (a frozen_copy of `dst`: a table, a model, or LoRA adapters) into `dst`."""
     for p, q in zip(dst.parameters(), src.parameters(), strict=True):
         p.copy_(q)
+
+
+def adam(policy, lr):
+    """Adam over the policy's trained parameters, one tensor at a time (foreach=False): the same values as torch's
+    default multi-tensor step, bit for bit, without its temporaries the size of all the parameters (peak memory)."""
+    return torch.optim.Adam(policy.parameters(), lr=lr, foreach=False)
 
 
 def batched_logprobs(policy, samples, batch_size=None, per_token=False):

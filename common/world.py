@@ -64,7 +64,7 @@ class WorldArgs:
     infer_batch: int | None = flag(real=32, ge=1)
     """rows per generate() call and per no-grad log-prob or judge pass (none: all of a call's rows at once, 256 rows
     per log-prob pass)"""
-    grad_checkpoint: bool = False
+    grad_checkpoint: bool | None = flag(real=True, arena=False, tabular=False)
     """recompute each transformer block in backward instead of storing its activations (less memory, one more
     forward)"""
     lora_rank: int = flag(0, ge=0)
