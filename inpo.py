@@ -89,7 +89,8 @@ class Args(WorldArgs):
     """τ of Eq. (3), the KL coefficient to π_ref"""
     eta: float | None = flag(gt=0)
     """η of Eq. (4), inverse step size (default: the schedule η_t = τ(t+2)/2, deviation 1; paper: constant 3τ)"""
-    lr: float | None = flag(arena=2e-4, real=1e-6, tabular=0.03, gt=0)
+    lr: float | None = flag(arena=2e-4, real=1e-6, tabular=0.03, gt=0,
+                             lora={"arena": 0.002, "real": 1e-4})
     """Adam learning rate"""
     epochs: int | None = flag(ge=1, rule=("10 with --pairs all (tabular: 20), else 2", lambda a, beta:
                                           (20 if a.policy == "tabular" else 10) if a.pairs == "all" else 2))

@@ -89,7 +89,8 @@ class Args(WorldArgs):
     """--pairs dno keeps a pair only when r̂(y⁺) − r̂(y⁻) ≥ margin (win rates among the K samples), in (0, 1]"""
     eta: float | None = flag(rule=BETA, gt=0)
     """η of Eqs. (8), (9), (13), the DPO β of the baselines"""
-    lr: float | None = flag(arena=2e-4, real=1e-6, tabular=0.03, gt=0)
+    lr: float | None = flag(arena=2e-4, real=1e-6, tabular=0.03, gt=0,
+                             lora={"arena": 0.002, "real": 1e-4})
     """Adam learning rate"""
     epochs: int | None = flag(lm=2, tabular=30, ge=1)
     """passes over an iteration's pairs"""

@@ -88,7 +88,8 @@ class Args(WorldArgs):
     eta: float | None = flag(gt=0, rule=("2β, the largest the convergence conditions allow",
                                          lambda a, beta: 2 * a.beta))
     """η: the proximal term is (β/η) KL(π‖π^k)"""
-    lr: float | None = flag(arena=3e-4, real=1e-6, tabular=0.03, gt=0)
+    lr: float | None = flag(arena=3e-4, real=1e-6, tabular=0.03, gt=0,
+                             lora={"arena": 0.003, "real": 1e-4})
     """Adam learning rate of the inner steps"""
     temperature: float = flag(1.0, gt=0)
     """sampling temperature of π_θ and of the opponent"""

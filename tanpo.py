@@ -109,7 +109,8 @@ class Args(WorldArgs):
     """SADPO: samples per group, of which the extremes of ℓ_ref/length form the pair"""
     bonus_samples: int = flag(4, ge=1)
     """samples per prompt estimating the bonus E[log μ(a|x)] (a ∼ π_{t+1}; SADPO: a ∼ π_ref), temperature 1"""
-    lr: float | None = flag(arena=2e-4, real=1e-6, tabular=0.05, gt=0)
+    lr: float | None = flag(arena=2e-4, real=1e-6, tabular=0.05, gt=0,
+                             lora={"arena": 0.002, "real": 1e-4})
     """Adam learning rate"""
     epochs: int | None = flag(lm=2, tabular=8, ge=1)
     """per iteration and player: epochs × ⌈new pairs / batch_size⌉ steps on random minibatches of all of D"""

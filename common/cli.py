@@ -44,14 +44,15 @@ def fail(msg: str, code: int = 2):
 BETA = ("the world's β", lambda args, beta: beta)   # rule of a regularization that defaults to the metrics' β
 
 
-def flag(default=None, *, lm=None, arena=None, real=None, tabular=None, rule=None, ge=None, gt=None):
+def flag(default=None, *, lm=None, arena=None, real=None, tabular=None, lora=None, rule=None, ge=None, gt=None):
     """A dataclass field for a flag whose default or bounds need saying. default: its value when not given, else
-    the per-world defaults lm (= arena and real), arena, real, tabular, else rule = (text for --help,
-    fn(args, β) -> value), evaluated in field order once the per-world defaults are in (BETA: the world's β).
-    A given value must satisfy ge (≥) and gt (>)."""
+    the per-world defaults lm (= arena and real), arena, real, tabular (or, when --lora-rank trains adapters, those of
+    the dict `lora`, world -> value), else rule = (text for --help, fn(args, β) -> value), evaluated in field order
+    once the per-world defaults are in (BETA: the world's β). A given value must satisfy ge (≥) and gt (>)."""
     per_world = {k: v for k, v in (("arena", lm), ("real", lm), ("arena", arena), ("real", real),
                                    ("tabular", tabular)) if v is not None}
-    return dataclasses.field(default=default, metadata={"per_world": per_world, "rule": rule, "ge": ge, "gt": gt})
+    return dataclasses.field(default=default, metadata={"per_world": per_world, "lora": lora, "rule": rule, "ge": ge,
+                                                        "gt": gt})
 
 
 def _meta(f, key):
@@ -88,7 +89,8 @@ def resolve_defaults(args, kind: str, beta: float):
     order); then args.check(), the checks between flags, which raises ValueError."""
     for f in dataclasses.fields(args):
         if getattr(args, f.name) is None and kind in (_meta(f, "per_world") or {}):
-            setattr(args, f.name, f.metadata["per_world"][kind])
+            lora = _meta(f, "lora") if getattr(args, "lora_rank", 0) else None
+            setattr(args, f.name, (lora or f.metadata["per_world"])[kind])
     for f in dataclasses.fields(args):
         if getattr(args, f.name) is None and _meta(f, "rule"):
             setattr(args, f.name, f.metadata["rule"][1](args, beta))
@@ -105,7 +107,9 @@ def default_text(f) -> str:
         parts.append(f.metadata["rule"][0] if _meta(f, "rule") else "none")
     if not parts:
         return "" if f.default is None else f"default: {f.default}"
-    return "default: " + " / ".join(parts)
+    lora = _meta(f, "lora") or {}
+    return "default: " + " / ".join(parts) + ("; with --lora-rank " + " / ".join(f"{v} ({k})" for k, v in lora.items())
+                                               if lora else "")
 
 
 class _Parser(argparse.ArgumentParser):
