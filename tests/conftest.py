@@ -49,6 +49,21 @@ def write_games(path, Ps, beta=0.1, refs=None, family="random", split="train"):
     return str(path)
 
 
+def write_arena4(path):
+    """One training game of each family of data/arena/games.json (the LM's prompts are arena prompts): a small games
+    file for LM runs. Returns its path."""
+    with open(os.path.join(ROOT, "data", "arena", "games.json")) as f:
+        arena = json.load(f)
+    first = {}
+    for g in arena["games"]:
+        if g["split"] == "train":
+            first.setdefault(g["family"], g)
+    assert len(first) >= 3
+    with open(path, "w") as f:
+        json.dump({"beta": arena["beta"], "games": list(first.values())}, f)
+    return str(path)
+
+
 @pytest.fixture
 def random_games(tmp_path):
     """Three random 10-action games, β = 0.1, non-uniform refs."""

@@ -1,6 +1,6 @@
-"""bench/gpu_check.py runs end to end on tiny shapes on the CPU (its full run needs a GPU): every section reports finite
-figures, the memory model gives a figure for each INPO setting, the scripts run from their command lines, and both output
-files are written."""
+"""bench/gpu_check.py runs end to end on tiny shapes on the CPU (its full run needs a GPU): every section reports
+finite figures, the memory model gives a figure for each INPO setting, the scripts run from their command lines, and
+both output files are written."""
 import json
 import math
 

@@ -18,7 +18,7 @@ from common.lm_policy import LMPolicy
 from common.lora import LoRA, target_names
 from common.model import Transformer, from_pretrained
 from common.policy import backward_in_micro_batches, copy_parameters
-from conftest import ROOT, read_metrics, run_script
+from conftest import read_metrics, run_script, write_arena4
 
 transformers = pytest.importorskip("transformers")
 V = 768   # the arena tokenizer's vocabulary
@@ -236,13 +236,5 @@ def test_every_script_runs_under_bf16_on_the_arena(tmp_path, games4, script, lor
 
 @pytest.fixture(scope="module")
 def games4(tmp_path_factory):
-    """One training game of each arena family (the LM's prompts are arena prompts): a small games file."""
-    with open(os.path.join(ROOT, "data", "arena", "games.json")) as f:
-        arena = json.load(f)
-    first = {}
-    for g in arena["games"]:
-        if g["split"] == "train":
-            first.setdefault(g["family"], g)
-    path = tmp_path_factory.mktemp("games") / "arena4.json"
-    path.write_text(json.dumps({"beta": arena["beta"], "games": list(first.values())}))
-    return str(path)
+    """One training game of each arena family: a small games file."""
+    return write_arena4(tmp_path_factory.mktemp("games") / "arena4.json")

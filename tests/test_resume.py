@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, random_P, read_metrics, run_script, write_games
+from conftest import ROOT, random_P, read_metrics, run_script, write_arena4, write_games
 
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 ITERATIONS = 3
@@ -182,17 +182,7 @@ def games(tmp_path_factory):
     refs = [rng.dirichlet(np.ones(10)) + 0.01 for _ in range(3)]
     refs = [r / r.sum() for r in refs]
     tabular = write_games(root / "games.json", Ps, refs=refs)
-    with open(os.path.join(ROOT, "data", "arena", "games.json")) as f:
-        arena = json.load(f)
-    first = {}
-    for g in arena["games"]:
-        if g["split"] == "train":
-            first.setdefault(g["family"], g)
-    assert len(first) >= 3
-    lm = str(root / "arena4.json")
-    with open(lm, "w") as f:
-        json.dump({"beta": arena["beta"], "games": list(first.values())}, f)
-    return {"tabular": tabular, "lm": lm}
+    return {"tabular": tabular, "lm": write_arena4(root / "arena4.json")}
 
 
 @pytest.fixture(scope="session")
